@@ -1,0 +1,136 @@
+"""The types every box shares: a frame in, a depth map out, and what its numbers mean."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from depthd.errors import InvalidArgument
+
+MIN_SIDE = 16
+"""The smallest frame side the engine takes: ZoeDepth's reflection padding needs a few pixels."""
+
+
+class DepthKind(str, enum.Enum):
+    """What a depth map's numbers mean, decided from the model's config."""
+
+    METRIC = "metric"
+    """Depth in metres along the optical axis."""
+    RELATIVE_DISPARITY = "relative_disparity"
+    """Inverse depth up to an unknown scale and shift: larger is nearer."""
+    RELATIVE_DEPTH = "relative_depth"
+    """Depth up to an unknown scale: larger is farther."""
+
+    @property
+    def larger_is_nearer(self) -> bool:
+        return self is DepthKind.RELATIVE_DISPARITY
+
+
+class DepthEncoding(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    UINT16_MM = "uint16_mm"
+    """Millimetres as unsigned 16-bit integers, 0 for no value; metric models only."""
+
+
+class PixelFormat(str, enum.Enum):
+    RGB8 = "rgb8"
+    BGR8 = "bgr8"
+    RGBA8 = "rgba8"
+    BGRA8 = "bgra8"
+    GRAY8 = "gray8"
+
+    @property
+    def channels(self) -> int:
+        return {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "gray8": 1}[self.value]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera frame: uint8 pixels, HxW or HxWxC, in the layout `pixel_format` names.
+
+    The engine turns any format into RGB on the model's device, so a BGR or RGBA
+    buffer from a camera driver is used as it is, without a copy on the host.
+    """
+
+    pixels: np.ndarray
+    pixel_format: PixelFormat = PixelFormat.RGB8
+
+    def __post_init__(self) -> None:
+        pixels = self.pixels
+        if pixels.dtype != np.uint8:
+            raise InvalidArgument(f"image: pixels must be uint8, got {pixels.dtype}")
+        channels = 1 if pixels.ndim == 2 else pixels.shape[-1] if pixels.ndim == 3 else None
+        if channels != self.pixel_format.channels:
+            raise InvalidArgument(
+                f"image: a {self.pixel_format.name} frame has {self.pixel_format.channels} channel(s), "
+                f"got an array of shape {pixels.shape}"
+            )
+        if min(pixels.shape[:2]) < MIN_SIDE:
+            raise InvalidArgument(
+                f"image: {pixels.shape[1]}x{pixels.shape[0]} is too small; each side must be at least {MIN_SIDE} pixels"
+            )
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What the caller wants back for one frame.
+
+    `width`/`height` of 0 mean the input's size; when only one is given, the other
+    follows the input's aspect ratio.
+    """
+
+    encoding: DepthEncoding = DepthEncoding.FLOAT32
+    width: int = 0
+    height: int = 0
+    visualization: bool = False
+    colormap: str | None = None
+
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) of the depth map for an input of the given size."""
+        if self.width and self.height:
+            return self.height, self.width
+        if self.width:
+            return max(1, round(height * self.width / width)), self.width
+        if self.height:
+            return self.height, max(1, round(width * self.height / height))
+        return height, width
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Milliseconds the batch a frame rode in spent in each engine stage."""
+
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+    postprocess_ms: float = 0.0
+    batch_size: int = 1
+
+
+@dataclass
+class DepthResult:
+    """One frame's depth map, encoded as asked, and what it means.
+
+    `min`/`max` are those of the float map in its own unit (metres when metric),
+    whatever the encoding. `focal_length` is in pixels of the returned map.
+    """
+
+    depth: np.ndarray
+    encoding: DepthEncoding
+    kind: DepthKind
+    min: float
+    max: float
+    visualization: np.ndarray | None = None
+    field_of_view: float | None = None
+    focal_length: float | None = None
+    timing: StageTimes = field(default_factory=StageTimes)
