@@ -1,0 +1,157 @@
+"""Load a depth checkpoint (hub id or local folder) with its processor config, or say why not.
+
+Loading goes through transformers' own `from_pretrained`, so a hub id, a folder and the
+offline cache (`HF_HUB_OFFLINE=1`, `HF_HOME`) all behave as transformers documents.
+Every failure becomes one `ModelLoadError` naming the model and the cause, never a
+traceback: a missing or corrupt file, an unknown architecture, a checkpoint whose
+weights do not cover its model (which would run with random layers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from depthd.architectures import ARCHITECTURES, Architecture, supported_names
+from depthd.errors import ModelLoadError, UnsupportedArchitecture
+from depthd.preprocess import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_HINT = (
+    "depthd cannot reach a model hub from here: give a local folder holding config.json, "
+    "preprocessor_config.json and the weights, or set HF_HUB_OFFLINE=1 with the model "
+    "already in the Hugging Face cache (HF_HOME)"
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model, in eval mode on its device, and what is needed to feed and read it."""
+
+    name: str
+    source: str
+    architecture: Architecture
+    model: Any
+    config: Any
+    preprocessing: Preprocessing
+    parameters: int
+
+
+def load_checkpoint(name: str, source: str, device: str, dtype: Any) -> Checkpoint:
+    """Load `source` onto `device` in `dtype`; raises ModelLoadError with the cause."""
+    from transformers import AutoConfig
+
+    local = _local_folder(name, source)
+    options = {"local_files_only": True} if local else {}
+    config = _guarded(name, source, "config.json", lambda: AutoConfig.from_pretrained(source, **options))
+    architecture = _architecture(name, source, config)
+    preprocessing = _preprocessing(name, source, architecture, options)
+    model = _model(name, source, config, architecture, dtype, options)
+    model.to(device).eval()
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded model=%s source=%s architecture=%s parameters=%d device=%s dtype=%s",
+        name, source, architecture.model_type, parameters, device, dtype,
+    )
+    return Checkpoint(name, source, architecture, model, config, preprocessing, parameters)
+
+
+def _local_folder(name: str, source: str) -> bool:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(name, source, "the folder has no config.json")
+        return True
+    if source.startswith(("/", ".", "~")) or os.sep + os.sep in source:
+        raise ModelLoadError(name, source, "no such folder")
+    return False
+
+
+def _architecture(name: str, source: str, config: Any) -> Architecture:
+    model_type = getattr(config, "model_type", None)
+    architecture = ARCHITECTURES.get(model_type)
+    if architecture is None:
+        raise UnsupportedArchitecture(
+            name, source, f"architecture {model_type!r} is not supported; supported: {supported_names()}"
+        )
+    named = getattr(config, "architectures", None) or []
+    foreign = [c for c in named if c not in architecture.classes]
+    if foreign:
+        raise UnsupportedArchitecture(
+            name, source,
+            f"the checkpoint is a {foreign[0]}, not a depth-estimation model "
+            f"(expected {' or '.join(architecture.classes)})",
+        )
+    return architecture
+
+
+def _preprocessing(name: str, source: str, architecture: Architecture, options: dict) -> Preprocessing:
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    saved, _ = _guarded(
+        name, source, "preprocessor_config.json",
+        lambda: ImageProcessingMixin.get_image_processor_dict(source, **options),
+    )
+    preprocessing = Preprocessing.from_config(architecture.recipe, saved, architecture.processor_defaults)
+    problem = preprocessing.check()
+    if problem:
+        raise ModelLoadError(name, source, f"preprocessor_config.json: {problem}")
+    approximation = preprocessing.approximation()
+    if approximation:
+        logger.warning("model=%s resize is approximate: %s", name, approximation)
+    return preprocessing
+
+
+def _model(name: str, source: str, config: Any, architecture: Architecture, dtype: Any, options: dict) -> Any:
+    from transformers import AutoModelForDepthEstimation
+
+    model, info = _guarded(
+        name, source, "weights",
+        lambda: AutoModelForDepthEstimation.from_pretrained(
+            source, config=config, dtype=dtype, output_loading_info=True, **options
+        ),
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        first = (missing or [str(m) for m in mismatched])[0]
+        raise ModelLoadError(
+            name, source,
+            f"the weights do not match the config ({architecture.label}): {len(missing)} missing and "
+            f"{len(mismatched)} mis-shaped tensors (first: {first}); it would run with random layers",
+        )
+    return model
+
+
+def _guarded(name: str, source: str, what: str, load):
+    """Run a transformers load step, turning its many exception types into one clear cause."""
+    try:
+        return load()
+    except ModelLoadError:
+        raise
+    except Exception as error:  # transformers raises OSError, ValueError, SafetensorError, ...
+        raise ModelLoadError(name, source, _cause(what, error)) from error
+
+
+def _cause(what: str, error: Exception) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lowered = text.lower()
+    if "couldn't connect" in lowered or "offline" in lowered or "repo id must be" in lowered or (
+        "can't load" in lowered and "huggingface.co" in lowered and what != "preprocessor_config.json"
+    ):
+        return f"not found locally and not in the cache ({what}). {OFFLINE_HINT}"
+    if what == "preprocessor_config.json" and "preprocessor_config.json" in lowered:
+        return "no preprocessor_config.json: without it the model's resize and normalisation are unknown"
+    if type(error).__name__ == "SafetensorError" or "deserializ" in lowered:
+        return f"the weights file is corrupt or truncated ({text})"
+    if "ignore_mismatched_sizes" in lowered:
+        return "the weights do not match the config: some tensors have other shapes (weights of another model?)"
+    if "no file named" in lowered:
+        return "no weights file (model.safetensors or pytorch_model.bin)"
+    if "does not recognize this architecture" in lowered or "unrecognized model" in lowered:
+        return f"{text.split('.')[0]}; supported: {supported_names()}"
+    return f"{what}: {text}"

@@ -1,0 +1,251 @@
+"""The depth engine: uint8 frames in, depth maps out, all the tensor work on the model's device.
+
+One `DepthEngine` wraps one loaded model. `estimate` takes a batch of frames of any
+sizes, groups them by processed size so that each group is one forward pass, and
+returns one `DepthResult` per frame, in order. The engine owns no threads: the pool
+decides what goes into a batch and when.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from depthd import colormaps
+from depthd.checkpoints import Checkpoint, load_checkpoint
+from depthd.domain import DepthEncoding, DepthKind, DepthResult, Frame, OutputSpec, PixelFormat, StageTimes
+from depthd.encode import Encoded, encode
+from depthd.errors import InvalidArgument, ModelLoadError
+from depthd.postprocess import (
+    average_flipped,
+    depth_pro_metric,
+    focal_length_px,
+    invert_depth_pro,
+    to_output_size,
+)
+from depthd.preprocess import Plan, to_rgb
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_WARMUP_SIZES = ((480, 640),)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    device: str = "auto"
+    """"auto" (CUDA when there is one, else CPU), "cpu", "cuda" or "cuda:N"."""
+    dtype: str = "auto"
+    """"auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16"."""
+    flip_augmentation: bool | None = None
+    """Average each map with its mirror image's; None: the architecture's default (on for ZoeDepth)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as error:
+        raise InvalidArgument(f"device: {spec!r} is not a device (auto, cpu, cuda or cuda:N)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device: {spec!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    if spec == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if spec not in DTYPES:
+        raise InvalidArgument(f"dtype: {spec!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+@dataclass
+class _Group:
+    """Frames of one input size and pixel format, on their way through the engine."""
+
+    indices: list[int]
+    plan: Plan
+    pixel_values: torch.Tensor | None = None
+    predicted: torch.Tensor | None = None
+    field_of_view: torch.Tensor | None = None
+
+
+class DepthEngine:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, flip: bool):
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = dtype
+        self.flip = flip
+        self.kind: DepthKind = checkpoint.architecture.kind(checkpoint.config)
+        self._luts: dict[str, torch.Tensor | None] = {}
+
+    @classmethod
+    def load(cls, name: str, source: str, options: EngineOptions = EngineOptions()) -> "DepthEngine":
+        try:
+            device = resolve_device(options.device)
+            dtype = resolve_dtype(options.dtype, device)
+        except InvalidArgument as error:
+            raise ModelLoadError(name, source, str(error)) from error
+        checkpoint = load_checkpoint(name, source, str(device), dtype)
+        flip = checkpoint.architecture.flip_by_default if options.flip_augmentation is None else options.flip_augmentation
+        return cls(checkpoint, device, dtype, flip)
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.name
+
+    def check_output(self, spec: OutputSpec) -> None:
+        """Refuse what this model cannot give, before any work is done."""
+        if spec.encoding is DepthEncoding.UINT16_MM and self.kind is not DepthKind.METRIC:
+            raise InvalidArgument(
+                f"output.encoding: UINT16_MM needs a metric model; {self.name!r} gives "
+                f"{self.kind.value.replace('_', ' ')}, ask for FLOAT32 or FLOAT16"
+            )
+        if spec.colormap is not None and spec.colormap not in colormaps.NAMES:
+            raise InvalidArgument(f"output.colormap: {spec.colormap!r} is not one of {', '.join(colormaps.NAMES)}")
+        if spec.width < 0 or spec.height < 0:
+            raise InvalidArgument("output.width/height: must be 0 (the input's size) or positive")
+
+    def estimate(self, frames: list[Frame], specs: list[OutputSpec]) -> list[DepthResult]:
+        """Depth for every frame, in order; frames of one processed size share a forward pass."""
+        if len(frames) != len(specs):
+            raise ValueError("one OutputSpec per frame")
+        for spec in specs:
+            self.check_output(spec)
+        with torch.inference_mode():
+            with self._stage() as preprocess:
+                groups = self._preprocess(frames)
+            with self._stage() as inference:
+                self._forward(groups)
+            with self._stage() as postprocess:
+                encoded = self._postprocess(groups, frames, specs)
+                results = self._to_host(encoded, specs)
+        timing = StageTimes(preprocess[0], inference[0], postprocess[0], len(frames))
+        for result in results:
+            result.timing = timing
+        return results
+
+    def warmup(self, sizes=DEFAULT_WARMUP_SIZES, batch: int = 1) -> None:
+        """Run a forward pass at each (height, width), so that no request pays for the first one."""
+        for height, width in sizes:
+            y, x = np.mgrid[0:height, 0:width]
+            pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+            frame = Frame(np.ascontiguousarray(pixels, dtype=np.uint8))
+            started = time.perf_counter()
+            self.estimate([frame] * batch, [OutputSpec()] * batch)
+            logger.info(
+                "warmed model=%s size=%dx%d batch=%d ms=%.1f",
+                self.name, width, height, batch, (time.perf_counter() - started) * 1000,
+            )
+
+    # --- stages ------------------------------------------------------------------------------
+
+    def _preprocess(self, frames: list[Frame]) -> list[_Group]:
+        by_input: dict[tuple, list[int]] = defaultdict(list)
+        for index, frame in enumerate(frames):
+            by_input[(frame.height, frame.width, frame.pixel_format)].append(index)
+        groups = []
+        preprocessing = self.checkpoint.preprocessing
+        for (height, width, pixel_format), indices in by_input.items():
+            pixels = torch.stack([torch.from_numpy(frames[i].pixels) for i in indices])
+            pixels = pixels.to(self.device, non_blocking=True)
+            plan = preprocessing.plan(height, width)
+            group = _Group(indices, plan)
+            group.pixel_values = preprocessing(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
+            groups.append(group)
+        return groups
+
+    def _forward(self, groups: list[_Group]) -> None:
+        by_size: dict[tuple[int, int], list[_Group]] = defaultdict(list)
+        for group in groups:
+            by_size[group.plan.processed].append(group)
+        for members in by_size.values():
+            batch = torch.cat([g.pixel_values for g in members])
+            if self.flip:
+                batch = torch.cat([batch, batch.flip(-1)])
+            outputs = self.checkpoint.model(pixel_values=batch)
+            predicted = outputs.predicted_depth
+            fov = getattr(outputs, "field_of_view", None)
+            if self.flip:
+                predicted = average_flipped(predicted)
+                fov = None if fov is None else fov.view(2, -1).mean(0)
+            start = 0
+            for group in members:
+                count = len(group.indices)
+                group.predicted = predicted[start : start + count]
+                group.field_of_view = None if fov is None else fov.flatten()[start : start + count]
+                group.pixel_values = None
+                start += count
+
+    def _postprocess(self, groups: list[_Group], frames: list[Frame], specs: list[OutputSpec]) -> dict[int, tuple]:
+        recipe = self.checkpoint.architecture.recipe
+        out: dict[int, tuple] = {}
+        for group in groups:
+            predicted = group.predicted.float()
+            metric_pro = recipe == "depth_pro" and group.field_of_view is not None
+            if metric_pro:
+                predicted = depth_pro_metric(predicted, group.field_of_view)
+            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for position, index in enumerate(group.indices):
+                by_size[specs[index].size_for(frames[index].height, frames[index].width)].append(position)
+            processed = tuple(group.plan.processed)
+            for out_size, positions in by_size.items():
+                depth = to_output_size(recipe, predicted[positions], group.plan, processed, out_size)
+                if recipe == "depth_pro":
+                    depth = invert_depth_pro(depth)
+                for row, position in enumerate(positions):
+                    index = group.indices[position]
+                    spec = specs[index]
+                    fov = float(group.field_of_view[position]) if metric_pro else None
+                    encoded = encode(depth[row], self.kind, spec.encoding, spec.visualization, self._lut(spec.colormap))
+                    out[index] = (encoded, fov)
+        return out
+
+    def _to_host(self, encoded: dict[int, tuple], specs: list[OutputSpec]) -> list[DepthResult]:
+        results = []
+        for index in range(len(specs)):
+            item, fov = encoded[index]
+            item: Encoded
+            lo, hi = item.stats.cpu().tolist()
+            depth = item.depth.cpu().numpy()
+            vis = None if item.visualization is None else item.visualization.cpu().numpy()
+            results.append(
+                DepthResult(
+                    depth=depth,
+                    encoding=specs[index].encoding,
+                    kind=self.kind,
+                    min=lo,
+                    max=hi,
+                    visualization=vis,
+                    field_of_view=fov,
+                    focal_length=None if fov is None else focal_length_px(fov, depth.shape[1]),
+                )
+            )
+        return results
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _lut(self, name: str | None) -> torch.Tensor | None:
+        name = name or "gray"
+        if name not in self._luts:
+            table = colormaps.lookup_table(name)
+            self._luts[name] = None if table is None else torch.from_numpy(table).to(self.device)
+        return self._luts[name]
+
+    @contextmanager
+    def _stage(self):
+        """Time a stage in milliseconds; on CUDA, wait for the device so the time is the stage's own."""
+        box = [0.0]
+        started = time.perf_counter()
+        yield box
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        box[0] = (time.perf_counter() - started) * 1000
