@@ -1,0 +1,1 @@
+"""Generated from protos/depthd/v1/depth.proto by scripts/generate-protos: do not edit."""

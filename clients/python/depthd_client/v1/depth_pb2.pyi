@@ -1,0 +1,198 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_FORMAT_UNSPECIFIED: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_RGB8: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_BGR8: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_RGBA8: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_BGRA8: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_GRAY8: _ClassVar[PixelFormat]
+
+class DepthEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPTH_ENCODING_UNSPECIFIED: _ClassVar[DepthEncoding]
+    DEPTH_ENCODING_FLOAT32: _ClassVar[DepthEncoding]
+    DEPTH_ENCODING_FLOAT16: _ClassVar[DepthEncoding]
+    DEPTH_ENCODING_UINT16_MM: _ClassVar[DepthEncoding]
+
+class DepthKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPTH_KIND_UNSPECIFIED: _ClassVar[DepthKind]
+    DEPTH_KIND_METRIC: _ClassVar[DepthKind]
+    DEPTH_KIND_RELATIVE_DISPARITY: _ClassVar[DepthKind]
+    DEPTH_KIND_RELATIVE_DEPTH: _ClassVar[DepthKind]
+PIXEL_FORMAT_UNSPECIFIED: PixelFormat
+PIXEL_FORMAT_RGB8: PixelFormat
+PIXEL_FORMAT_BGR8: PixelFormat
+PIXEL_FORMAT_RGBA8: PixelFormat
+PIXEL_FORMAT_BGRA8: PixelFormat
+PIXEL_FORMAT_GRAY8: PixelFormat
+DEPTH_ENCODING_UNSPECIFIED: DepthEncoding
+DEPTH_ENCODING_FLOAT32: DepthEncoding
+DEPTH_ENCODING_FLOAT16: DepthEncoding
+DEPTH_ENCODING_UINT16_MM: DepthEncoding
+DEPTH_KIND_UNSPECIFIED: DepthKind
+DEPTH_KIND_METRIC: DepthKind
+DEPTH_KIND_RELATIVE_DISPARITY: DepthKind
+DEPTH_KIND_RELATIVE_DEPTH: DepthKind
+
+class RawImage(_message.Message):
+    __slots__ = ("width", "height", "format", "data")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    format: PixelFormat
+    data: bytes
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class OutputOptions(_message.Message):
+    __slots__ = ("encoding", "width", "height", "visualization", "colormap")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VISUALIZATION_FIELD_NUMBER: _ClassVar[int]
+    COLORMAP_FIELD_NUMBER: _ClassVar[int]
+    encoding: DepthEncoding
+    width: int
+    height: int
+    visualization: bool
+    colormap: str
+    def __init__(self, encoding: _Optional[_Union[DepthEncoding, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., visualization: bool = ..., colormap: _Optional[str] = ...) -> None: ...
+
+class EstimateRequest(_message.Message):
+    __slots__ = ("model", "image", "frame_id", "timestamp_ns", "output", "latest_frame_wins")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FRAME_WINS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: Image
+    frame_id: int
+    timestamp_ns: int
+    output: OutputOptions
+    latest_frame_wins: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., latest_frame_wins: bool = ...) -> None: ...
+
+class DepthMap(_message.Message):
+    __slots__ = ("width", "height", "encoding", "data", "kind", "min", "max")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    encoding: DepthEncoding
+    data: bytes
+    kind: DepthKind
+    min: float
+    max: float
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., encoding: _Optional[_Union[DepthEncoding, str]] = ..., data: _Optional[bytes] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "preprocess_ms", "inference_ms", "postprocess_ms", "total_ms", "batch_size")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EstimateResponse(_message.Message):
+    __slots__ = ("frame_id", "timestamp_ns", "model", "depth", "visualization_png", "timing", "error", "dropped", "field_of_view_deg", "focal_length_px")
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    VISUALIZATION_PNG_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FIELD_OF_VIEW_DEG_FIELD_NUMBER: _ClassVar[int]
+    FOCAL_LENGTH_PX_FIELD_NUMBER: _ClassVar[int]
+    frame_id: int
+    timestamp_ns: int
+    model: str
+    depth: DepthMap
+    visualization_png: bytes
+    timing: Timing
+    error: Error
+    dropped: bool
+    field_of_view_deg: float
+    focal_length_px: float
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., model: _Optional[str] = ..., depth: _Optional[_Union[DepthMap, _Mapping]] = ..., visualization_png: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., dropped: bool = ..., field_of_view_deg: _Optional[float] = ..., focal_length_px: _Optional[float] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    source: str
+    architecture: str
+    kind: DepthKind
+    device: str
+    dtype: str
+    is_default: bool
+    ready: bool
+    demo: bool
+    note: str
+    frames_total: int
+    frames_dropped: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
