@@ -1,0 +1,171 @@
+"""`depthctl`: estimate, stream, list models and check health against a running depthd."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+
+from depthd_client import files
+from depthd_client.client import DEFAULT_TARGET, DepthClient, DepthdError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthctl", description="Talk to a running depthd daemon.")
+    parser.add_argument("--target", default=os.environ.get("DEPTHD_TARGET", DEFAULT_TARGET),
+                        help=f"host:port or unix:///path (default $DEPTHD_TARGET or {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def outputs(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("-o", "--output", metavar="DIR", help="write a file per image into DIR")
+        sub.add_argument("--format", choices=files.FORMATS, default="npy",
+                         help="npy: float32 map; png16: 16-bit PNG (millimetres if metric, else stretched); "
+                              "vis: 8-bit visualization PNG (default npy)")
+        sub.add_argument("--model", default="", help="a model name from `depthctl models` (default: the daemon's)")
+        sub.add_argument("--colormap", default="", help="for --format vis: gray, turbo or inferno")
+
+    estimate = commands.add_parser("estimate", help="depth for each image, one call each")
+    estimate.add_argument("images", nargs="+", metavar="IMG")
+    outputs(estimate)
+
+    stream = commands.add_parser("stream", help="stream a folder or glob of images, with a progress bar and fps")
+    stream.add_argument("source", metavar="DIR_OR_GLOB")
+    stream.add_argument("--latest-frame-wins", action="store_true",
+                        help="let the daemon skip frames that wait while a newer one arrives")
+    outputs(stream)
+
+    commands.add_parser("models", help="the models the daemon serves")
+    health = commands.add_parser("health", help="SERVING or NOT_SERVING (exit 0 only when SERVING)")
+    health.add_argument("--model", default="", help="one model's health instead of the daemon's")
+    health.add_argument("--wait", type=float, metavar="S", help="wait up to S seconds for SERVING")
+    return parser
+
+
+def _is_metric(client: DepthClient, model: str) -> bool:
+    for info in client.models():
+        if info.name == model or (not model and info.is_default):
+            return info.kind == "metric"
+    return False
+
+
+def _estimate(client: DepthClient, args: argparse.Namespace) -> int:
+    folder = _output_folder(args)
+    options = files.request_options(args.format, _is_metric(client, args.model)) if folder else {}
+    for image in args.images:
+        result = client.estimate(image, model=args.model, colormap=args.colormap, **options)
+        line = f"{image}: {result.kind}, {result.depth.shape[1]}x{result.depth.shape[0]}, " \
+               f"{result.min:.3f}..{result.max:.3f}, {result.timing.total_ms:.1f} ms"
+        if folder:
+            path = files.output_path(image, folder, args.format)
+            files.write(result, path, args.format)
+            line += f" -> {path}"
+        print(line)
+    return 0
+
+
+def _stream(client: DepthClient, args: argparse.Namespace) -> int:
+    paths = _images(args.source)
+    if not paths:
+        print(f"depthctl: no images in {args.source}", file=sys.stderr)
+        return 2
+    folder = _output_folder(args)
+    options = files.request_options(args.format, _is_metric(client, args.model)) if folder else {}
+    started = time.monotonic()
+    latencies, failed, dropped = [], 0, 0
+    frames = (path.read_bytes() for path in paths)
+    results = client.stream(frames, model=args.model, colormap=args.colormap,
+                            latest_frame_wins=args.latest_frame_wins, **options)
+    for count, (path, result) in enumerate(zip(paths, results), start=1):
+        if result.error is not None:
+            failed += 1
+            print(f"\n{path}: {result.error.code.name}: {result.error.message}", file=sys.stderr)
+        elif result.dropped:
+            dropped += 1
+        else:
+            latencies.append(result.timing.total_ms)
+            if folder:
+                files.write(result, files.output_path(path, folder, args.format), args.format)
+        _progress(count, len(paths), time.monotonic() - started)
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] if latencies else 0.0
+    print(f"{len(paths)} frames in {elapsed:.2f} s: {len(paths) / elapsed:.1f} fps, "
+          f"p50 {p50:.1f} ms in the daemon, {dropped} dropped, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _progress(done: int, total: int, elapsed: float) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = int(width * done / total)
+    fps = done / elapsed if elapsed > 0 else 0.0
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {fps:.1f} fps")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _images(source: str) -> list[Path]:
+    if Path(source).is_dir():
+        candidates = Path(source).iterdir()
+    else:
+        candidates = (Path(p) for p in glob.glob(source))
+    return sorted(p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _output_folder(args: argparse.Namespace) -> Path | None:
+    if not args.output:
+        return None
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _models(client: DepthClient) -> int:
+    for m in client.models():
+        flags = [f for f, on in (("default", m.is_default), ("ready", m.ready), ("DEMO", m.demo)) if on]
+        print(f"{m.name}\t{m.architecture or '-'}\t{m.kind or '-'}\t{m.device or '-'}\t{m.dtype or '-'}\t"
+              f"{','.join(flags) or 'loading'}\t{m.source}" + (f"\t{m.note}" if m.note else ""))
+    return 0
+
+
+def _health(client: DepthClient, args: argparse.Namespace) -> int:
+    service = f"depthd.v1.DepthEstimator/{args.model}" if args.model else ""
+    if args.wait:
+        try:
+            client.wait_until_serving(args.wait, service)
+        except DepthdError:
+            pass
+    status = client.health(service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with DepthClient(args.target, timeout=args.timeout) as client:
+        try:
+            if args.command == "estimate":
+                return _estimate(client, args)
+            if args.command == "stream":
+                return _stream(client, args)
+            if args.command == "models":
+                return _models(client)
+            return _health(client, args)
+        except DepthdError as error:
+            print(f"depthctl: {error}", file=sys.stderr)
+            return 1
+        except OSError as error:
+            print(f"depthctl: {error}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
