@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from depthd.postprocess import (
 from depthd.preprocess import Plan, to_rgb
 
 logger = logging.getLogger(__name__)
+
+# Frames wrap the request's bytes read-only and are never written: torch's warning about it is noise.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_WARMUP_SIZES = ((480, 640),)

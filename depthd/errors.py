@@ -37,6 +37,12 @@ class Unavailable(DepthdError):
     status = "UNAVAILABLE"
 
 
+class DeadlineExceeded(DepthdError):
+    """The caller's deadline passed before its frame reached the model."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class ModelLoadError(DepthdError):
     """A model could not be loaded; the message names the model and the cause."""
 
