@@ -1,0 +1,117 @@
+"""`depthd`: the daemon's command line (serve, check-config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from depthd import __version__
+from depthd.config import DEMO_MODEL, ConfigError, Settings, load_settings, model_from_argument
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="depthd", description="Serve monocular depth estimation over gRPC.")
+    parser.add_argument("--version", action="version", version=f"depthd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="load and warm the models, then serve them")
+    serve.add_argument("--config", metavar="FILE", help="YAML settings (see systemd/depthd.yaml)")
+    serve.add_argument("--listen", action="append", metavar="ADDR",
+                       help="host:port or unix:/path; repeatable (default 127.0.0.1:50051)")
+    serve.add_argument("--model", action="append", metavar="NAME=SOURCE",
+                       help="a hub id or folder to serve, optionally named; repeatable; the first is the default")
+    serve.add_argument("--default", metavar="NAME", help="the model served when a request names none")
+    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N, for every model (default auto)")
+    serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                       help="for every model (default auto: float16 on CUDA, float32 on CPU)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--demo", action="store_true",
+                       help=f"also serve {DEMO_MODEL!r}: a tiny Depth Anything with RANDOM weights, built offline, "
+                            "to smoke-test an install (its depth means nothing)")
+
+    check = commands.add_parser("check-config", help="validate a settings file without loading any model")
+    check.add_argument("file")
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict:
+    flags: dict = {}
+    if args.listen:
+        flags["listen"] = args.listen
+    if args.model:
+        flags["models"] = [model_from_argument(m) for m in args.model]
+    if args.demo:
+        flags["demo"] = True
+    for key in ("default", "device", "dtype", "log_level", "log_format"):
+        value = getattr(args, key)
+        if value is not None:
+            flags["default_model" if key == "default" else key] = value
+    return flags
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config, os.environ, _flags(args))
+    except ConfigError as error:
+        print(f"depthd: {error}", file=sys.stderr)
+        return 2
+    from depthd import logs
+    from depthd.server import serve
+
+    logs.configure(settings.log_level, settings.log_format)
+    scratch = None
+    try:
+        if settings.demo:
+            from depthd import synthetic
+
+            scratch = Path(tempfile.mkdtemp(prefix="depthd-demo-"))
+            settings = settings.with_demo_model(synthetic.build("depth_anything", scratch / DEMO_MODEL))
+        return asyncio.run(serve(settings))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.file, os.environ, {})
+    except ConfigError as error:
+        print(f"depthd: {error}", file=sys.stderr)
+        return 2
+    problems = _missing_folders(settings)
+    for problem in problems:
+        print(f"depthd: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"{args.file}: valid")
+    print(f"  listen: {', '.join(settings.listen)}")
+    for m in settings.models:
+        default = " (default)" if m.name == settings.default else ""
+        print(f"  model {m.name}{default}: {m.source} on {settings.device_for(m)}, {settings.dtype_for(m)}, "
+              f"batch <= {m.max_batch}, warm-up {', '.join(f'{w}x{h}' for h, w in m.warmup_sizes)}")
+    return 0
+
+
+def _missing_folders(settings: Settings) -> list[str]:
+    problems = []
+    for i, m in enumerate(settings.models):
+        if m.source.startswith(("/", ".", "~")) and not Path(m.source).expanduser().is_dir():
+            problems.append(f"models[{i}].source: no such folder {m.source!r}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _check_config(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

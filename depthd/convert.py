@@ -1,0 +1,124 @@
+"""Conversion between the depthd.v1 protobuf messages and the daemon's domain types, in one place.
+
+Request validation that needs only the message (a missing image, an unspecified raw
+format, an output size beyond the limit) happens here, with errors that name the field.
+"""
+
+from __future__ import annotations
+
+from depthd.config import Limits
+from depthd.domain import DepthEncoding, DepthKind, OutputSpec, PixelFormat
+from depthd.errors import InvalidArgument
+from depthd.frames import Encoded, ImageSource, Raw
+from depthd.pool import ModelStatus, PoolResult
+from depthd_client.v1 import depth_pb2 as pb
+
+_PIXEL_FORMATS = {
+    pb.PIXEL_FORMAT_RGB8: PixelFormat.RGB8,
+    pb.PIXEL_FORMAT_BGR8: PixelFormat.BGR8,
+    pb.PIXEL_FORMAT_RGBA8: PixelFormat.RGBA8,
+    pb.PIXEL_FORMAT_BGRA8: PixelFormat.BGRA8,
+    pb.PIXEL_FORMAT_GRAY8: PixelFormat.GRAY8,
+}
+_ENCODINGS = {
+    pb.DEPTH_ENCODING_UNSPECIFIED: DepthEncoding.FLOAT32,
+    pb.DEPTH_ENCODING_FLOAT32: DepthEncoding.FLOAT32,
+    pb.DEPTH_ENCODING_FLOAT16: DepthEncoding.FLOAT16,
+    pb.DEPTH_ENCODING_UINT16_MM: DepthEncoding.UINT16_MM,
+}
+_ENCODING_TO_PB = {
+    DepthEncoding.FLOAT32: pb.DEPTH_ENCODING_FLOAT32,
+    DepthEncoding.FLOAT16: pb.DEPTH_ENCODING_FLOAT16,
+    DepthEncoding.UINT16_MM: pb.DEPTH_ENCODING_UINT16_MM,
+}
+_KINDS = {
+    DepthKind.METRIC: pb.DEPTH_KIND_METRIC,
+    DepthKind.RELATIVE_DISPARITY: pb.DEPTH_KIND_RELATIVE_DISPARITY,
+    DepthKind.RELATIVE_DEPTH: pb.DEPTH_KIND_RELATIVE_DEPTH,
+}
+
+
+def image_source(request: pb.EstimateRequest) -> ImageSource:
+    which = request.image.WhichOneof("source") if request.HasField("image") else None
+    if which == "encoded":
+        return Encoded(request.image.encoded)
+    if which == "raw":
+        raw = request.image.raw
+        return Raw(raw.width, raw.height, _PIXEL_FORMATS.get(raw.format), raw.data)
+    raise InvalidArgument("image: required, as image.encoded (JPEG/PNG/WebP/BMP/TIFF bytes) or image.raw")
+
+
+def output_spec(request: pb.EstimateRequest, limits: Limits) -> OutputSpec:
+    output = request.output
+    if output.encoding not in _ENCODINGS:
+        raise InvalidArgument(f"output.encoding: unknown value {output.encoding}")
+    for name in ("width", "height"):
+        value = getattr(output, name)
+        if value > limits.max_output_side:
+            raise InvalidArgument(f"output.{name}: {value} is over the limit of {limits.max_output_side}")
+    return OutputSpec(
+        encoding=_ENCODINGS[output.encoding],
+        width=output.width,
+        height=output.height,
+        visualization=output.visualization,
+        colormap=output.colormap or None,
+    )
+
+
+def response(request: pb.EstimateRequest, done: PoolResult) -> pb.EstimateResponse:
+    result = done.result
+    height, width = result.depth.shape[:2]
+    timing = result.timing
+    return pb.EstimateResponse(
+        frame_id=request.frame_id,
+        timestamp_ns=request.timestamp_ns,
+        model=done.model,
+        depth=pb.DepthMap(
+            width=width,
+            height=height,
+            encoding=_ENCODING_TO_PB[result.encoding],
+            data=result.depth.astype(result.depth.dtype.newbyteorder("<"), copy=False).tobytes(),
+            kind=_KINDS[result.kind],
+            min=result.min,
+            max=result.max,
+        ),
+        visualization_png=done.visualization_png or b"",
+        timing=pb.Timing(
+            queue_ms=done.queue_ms,
+            preprocess_ms=timing.preprocess_ms,
+            inference_ms=timing.inference_ms,
+            postprocess_ms=timing.postprocess_ms,
+            total_ms=done.total_ms,
+            batch_size=timing.batch_size,
+        ),
+        field_of_view_deg=result.field_of_view or 0.0,
+        focal_length_px=result.focal_length or 0.0,
+    )
+
+
+def error_response(request: pb.EstimateRequest, code: int, message: str) -> pb.EstimateResponse:
+    """The response for a stream's frame that failed: ids echoed, no depth, the status in `error`."""
+    return pb.EstimateResponse(
+        frame_id=request.frame_id,
+        timestamp_ns=request.timestamp_ns,
+        model=request.model,
+        error=pb.Error(code=code, message=message),
+    )
+
+
+def model_info(status: ModelStatus) -> pb.ModelInfo:
+    note = "DEMO: random weights, its depth values mean nothing" if status.demo else ""
+    return pb.ModelInfo(
+        name=status.name,
+        source=status.source,
+        architecture=status.architecture,
+        kind=_KINDS.get(status.kind, pb.DEPTH_KIND_UNSPECIFIED),
+        device=status.device,
+        dtype=status.dtype,
+        is_default=status.is_default,
+        ready=status.ready,
+        demo=status.demo,
+        note=note,
+        frames_total=status.frames_total,
+        frames_dropped=status.frames_dropped,
+    )

@@ -1,0 +1,185 @@
+"""Build the gRPC server (`create_server`) and run the daemon's life (`serve`).
+
+`create_server` binds the listen addresses and registers the services without
+starting anything. `serve` starts the server first, so health checks are answered
+(NOT_SERVING) while the models load; it marks each model SERVING as it becomes warm,
+and the whole daemon once all are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from depthd.config import Limits, Settings
+from depthd.engine import EngineOptions
+from depthd.errors import DepthdError
+from depthd.frames import FrameLimits
+from depthd.pool import ModelPool, ModelSpec
+from depthd.service import DepthEstimatorService
+from depthd_client.v1 import depth_pb2, depth_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = depth_pb2.DESCRIPTOR.services_by_name["DepthEstimator"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(limits: Limits) -> list[tuple[str, int]]:
+    return [
+        # a request carries one frame: refuse larger ones (RESOURCE_EXHAUSTED) before reading them
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        # a response carries one depth map, which a client may ask to be large
+        ("grpc.max_send_message_length", -1),
+        # ping idle connections so a robot that lost power frees its streams
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # and accept clients' own keepalive pings down to every 10 s, even between calls
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # a second daemon on the same port must fail to bind, not share the port
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def model_health_name(model: str) -> str:
+    return f"{SERVICE_NAME}/{model}"
+
+
+def pool_from_settings(settings: Settings) -> ModelPool:
+    specs = [
+        ModelSpec(
+            name=m.name,
+            source=m.source,
+            options=EngineOptions(
+                device=settings.device_for(m), dtype=settings.dtype_for(m), flip_augmentation=m.flip_augmentation
+            ),
+            warmup_sizes=m.warmup_sizes,
+            max_batch=m.max_batch,
+            max_wait_ms=m.max_wait_ms,
+            max_queue=m.max_queue,
+            demo=m.demo,
+        )
+        for m in settings.models
+    ]
+    return ModelPool(
+        specs,
+        default=settings.default,
+        limits=FrameLimits(max_input_pixels=settings.limits.max_input_pixels),
+        decode_threads=settings.decode_threads,
+    )
+
+
+@dataclass
+class Daemon:
+    """A built, not yet started server, and what `serve` needs to drive it."""
+
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    pool: ModelPool
+    addresses: list[str]
+    """The bound addresses, with the real port where 0 was asked for."""
+
+    async def set_health(self, status: int, *names: str) -> None:
+        for name in names:
+            await self.health.set(name, status)
+
+    async def mark_ready(self, model: str) -> None:
+        await self.set_health(SERVING, model_health_name(model))
+        if self.pool.ready:
+            await self.set_health(SERVING, "", SERVICE_NAME)
+
+
+async def create_server(settings: Settings, pool: ModelPool) -> Daemon:
+    """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`."""
+    server = grpc.aio.server(options=server_options(settings.limits))
+    depth_pb2_grpc.add_DepthEstimatorServicer_to_server(DepthEstimatorService(pool, settings.limits), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+    daemon = Daemon(server, health, pool, [])
+    await daemon.set_health(NOT_SERVING, "", SERVICE_NAME, *(model_health_name(s.name) for s in pool.specs))
+    for address in settings.listen:
+        port = server.add_insecure_port(address)
+        if port == 0 and not address.startswith("unix:"):
+            raise OSError(f"cannot listen on {address}")
+        daemon.addresses.append(address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}")
+    return daemon
+
+
+class DepthDaemon:
+    """The daemon's life: start serving at once, load in the background, drain on stop."""
+
+    def __init__(self, settings: Settings, pool: ModelPool | None = None):
+        self.settings = settings
+        self.pool = pool or pool_from_settings(settings)
+        self.daemon: Daemon | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._failure: BaseException | None = None
+
+    async def start(self) -> list[str]:
+        """Bind, start the server (health NOT_SERVING) and begin loading; returns the bound addresses."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self.daemon = await create_server(self.settings, self.pool)
+        await self.daemon.server.start()
+        logger.info("listening on %s", ", ".join(self.daemon.addresses))
+        self.pool.load_in_background(
+            progress=lambda name, i, n: logger.info("loading model=%s (%d/%d)", name, i, n),
+            on_ready=self._model_ready,
+            on_done=self._loading_done,
+        )
+        return self.daemon.addresses
+
+    def request_stop(self) -> None:
+        """Ask the daemon to drain and stop; safe from any thread or a signal handler."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def wait(self) -> int:
+        """Serve until asked to stop (or a model fails to load), then drain; returns the exit code."""
+        await self._stop.wait()
+        if isinstance(self._failure, DepthdError):
+            logger.error("%s", self._failure)
+        elif self._failure is not None:
+            logger.error("loading failed", exc_info=self._failure)
+        else:
+            logger.info("stopping: draining for up to %.1f s", self.settings.drain_grace_s)
+        await self.daemon.health.enter_graceful_shutdown()
+        await self.daemon.server.stop(self.settings.drain_grace_s)
+        self.pool.close(self.settings.drain_grace_s)
+        logger.info("stopped")
+        return 1 if self._failure is not None else 0
+
+    def _model_ready(self, name: str) -> None:
+        asyncio.run_coroutine_threadsafe(self.daemon.mark_ready(name), self._loop)
+
+    def _loading_done(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._failure = error
+            self.request_stop()
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    daemon = DepthDaemon(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, daemon.request_stop)
+    try:
+        await daemon.start()
+    except (OSError, RuntimeError) as error:
+        logger.error("cannot start: %s", error)
+        return 1
+    return await daemon.wait()

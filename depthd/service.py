@@ -1,0 +1,129 @@
+"""The depthd.v1.DepthEstimator servicer: each RPC converts the request, calls the pool, converts back.
+
+Errors map to status codes in one place: a `DepthdError` carries the name of its code;
+anything else is INTERNAL, logged once with its traceback. In a stream a frame's
+error becomes that frame's response and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import Future
+from typing import AsyncIterator
+
+import grpc
+
+from depthd import convert
+from depthd.config import Limits
+from depthd.errors import DepthdError
+from depthd.pool import ModelPool, PoolResult
+from depthd_client.v1 import depth_pb2 as pb
+from depthd_client.v1 import depth_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_MESSAGE = "internal error; the daemon's log has the details"
+
+
+def status_of(error: DepthdError) -> grpc.StatusCode:
+    return grpc.StatusCode[error.status]
+
+
+def unary_errors(method):
+    """Turn a unary method's domain errors into their status codes, and the unexpected into INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await method(self, request, context)
+        except DepthdError as error:
+            await context.abort(status_of(error), str(error))
+        except Exception:
+            logger.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    return wrapper
+
+
+def stream_errors(method):
+    """The same for a streaming method: per-frame errors are handled inside, the rest end the stream."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request_iterator, context: grpc.aio.ServicerContext):
+        try:
+            async for response in method(self, request_iterator, context):
+                yield response
+        except DepthdError as error:
+            await context.abort(status_of(error), str(error))
+        except Exception:
+            logger.exception("internal error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+    return wrapper
+
+
+class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
+    def __init__(self, pool: ModelPool, limits: Limits):
+        self.pool = pool
+        self.limits = limits
+
+    @unary_errors
+    async def Estimate(self, request: pb.EstimateRequest, context: grpc.aio.ServicerContext) -> pb.EstimateResponse:
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        done = await asyncio.wrap_future(self._submit(request, deadline))
+        return convert.response(request, done)
+
+    @stream_errors
+    async def EstimateStream(
+        self, request_iterator: AsyncIterator[pb.EstimateRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EstimateResponse]:
+        # Frames are submitted as they are read, at most `stream_window` ahead of the
+        # responses; past that the stream is not read, and HTTP/2 flow control holds the client.
+        window: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
+        reader = asyncio.ensure_future(self._read(request_iterator, window))
+        try:
+            while (item := await window.get()) is not None:
+                request, pending = item
+                yield await self._answer(request, pending)
+            await reader
+        finally:
+            reader.cancel()
+            while not window.empty():
+                item = window.get_nowait()
+                if item is not None and isinstance(item[1], Future):
+                    item[1].cancel()
+
+    @unary_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_info(s) for s in self.pool.models()])
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _submit(self, request: pb.EstimateRequest, deadline: float | None) -> "Future[PoolResult]":
+        source = convert.image_source(request)
+        spec = convert.output_spec(request, self.limits)
+        return self.pool.submit(request.model, source, spec, deadline)
+
+    async def _read(self, request_iterator: AsyncIterator[pb.EstimateRequest], window: asyncio.Queue) -> None:
+        async for request in request_iterator:
+            try:
+                pending: Future | DepthdError = self._submit(request, None)
+            except DepthdError as error:
+                pending = error
+            await window.put((request, pending))
+        await window.put(None)
+
+    async def _answer(self, request: pb.EstimateRequest, pending: "Future[PoolResult] | DepthdError") -> pb.EstimateResponse:
+        try:
+            if isinstance(pending, DepthdError):
+                raise pending
+            return convert.response(request, await asyncio.wrap_future(pending))
+        except DepthdError as error:
+            return convert.error_response(request, status_of(error).value[0], str(error))
+        except Exception:
+            logger.exception("internal error on a stream frame frame_id=%d", request.frame_id)
+            return convert.error_response(request, grpc.StatusCode.INTERNAL.value[0], INTERNAL_MESSAGE)
