@@ -55,7 +55,7 @@ def load_checkpoint(name: str, source: str, device: str, dtype: Any) -> Checkpoi
     parameters = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded model=%s source=%s architecture=%s parameters=%d device=%s dtype=%s",
-        name, source, architecture.model_type, parameters, device, dtype,
+        name, source, architecture.model_type, parameters, device, str(dtype).removeprefix("torch."),
     )
     return Checkpoint(name, source, architecture, model, config, preprocessing, parameters)
 
