@@ -84,11 +84,17 @@ Progress = Callable[[str, int, int], None]
 
 
 class _Runner:
-    """One model's queue and batching worker."""
+    """One model's queue and batching worker.
 
-    def __init__(self, spec: ModelSpec, engine: DepthEngine):
+    `heartbeat` is the last time the worker loop showed progress: after each batch,
+    and every `heartbeat_s` while idle. A forward pass that hangs stops it.
+    """
+
+    def __init__(self, spec: ModelSpec, engine: DepthEngine, heartbeat_s: float):
         self.spec = spec
         self.engine = engine
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat = time.monotonic()
         self.queue: collections.deque[_Request] = collections.deque()
         self.pending = 0
         """Frames submitted and not yet taken into a batch (decoding or queued)."""
@@ -137,7 +143,8 @@ class _Runner:
             while not self.queue:
                 if self.closing:
                     return None
-                self.condition.wait()
+                self.condition.wait(self.heartbeat_s)
+                self.heartbeat = time.monotonic()
             deadline = time.monotonic() + self.spec.max_wait_ms / 1000
             while len(self.queue) < self.spec.max_batch and not self.closing:
                 left = deadline - time.monotonic()
@@ -172,7 +179,7 @@ class _Runner:
             return
         self.batch_sizes[len(batch)] += 1
         self.frames_total += len(batch)
-        done = time.monotonic()
+        done = self.heartbeat = time.monotonic()
         for request, result in zip(batch, results):
             png = encode_png(result.visualization) if result.visualization is not None else None
             request.future.set_result(
@@ -193,6 +200,7 @@ class ModelPool:
         default: str | None = None,
         limits: FrameLimits = FrameLimits(),
         decode_threads: int = 2,
+        heartbeat_s: float = 1.0,
     ):
         if not specs:
             raise ValueError("a pool needs at least one model")
@@ -204,6 +212,7 @@ class ModelPool:
         self.specs = list(specs)
         self.default = default or names[0]
         self.limits = limits
+        self.heartbeat_s = heartbeat_s
         self._runners: dict[str, _Runner] = {}
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="depthd-decode")
         self._closed = False
@@ -220,7 +229,7 @@ class ModelPool:
                 progress(spec.name, position, total)
             engine = DepthEngine.load(spec.name, spec.source, spec.options)
             engine.warmup(spec.warmup_sizes)
-            runner = _Runner(spec, engine)
+            runner = _Runner(spec, engine, self.heartbeat_s)
             runner.thread.start()
             self._runners[spec.name] = runner
             if spec.demo:
@@ -312,6 +321,11 @@ class ModelPool:
                 )
             statuses.append(status)
         return statuses
+
+    def stalled(self, within: float) -> list[str]:
+        """Models whose worker has shown no progress for `within` seconds: hung in a forward pass."""
+        oldest = time.monotonic() - within
+        return [name for name, runner in self._runners.items() if runner.heartbeat < oldest]
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new frames, let queued ones finish, and stop the workers."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +26,7 @@ from depthd.errors import DepthdError
 from depthd.frames import FrameLimits
 from depthd.pool import ModelPool, ModelSpec
 from depthd.service import DepthEstimatorService
+from depthd.systemd import Notifier
 from depthd_client.v1 import depth_pb2, depth_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ def model_health_name(model: str) -> str:
     return f"{SERVICE_NAME}/{model}"
 
 
-def pool_from_settings(settings: Settings) -> ModelPool:
+def pool_from_settings(settings: Settings, heartbeat_s: float = 1.0) -> ModelPool:
     specs = [
         ModelSpec(
             name=m.name,
@@ -75,6 +78,7 @@ def pool_from_settings(settings: Settings) -> ModelPool:
         default=settings.default,
         limits=FrameLimits(max_input_pixels=settings.limits.max_input_pixels),
         decode_threads=settings.decode_threads,
+        heartbeat_s=heartbeat_s,
     )
 
 
@@ -84,6 +88,7 @@ class Daemon:
 
     server: grpc.aio.Server
     health: health_aio.HealthServicer
+    service: DepthEstimatorService
     pool: ModelPool
     addresses: list[str]
     """The bound addresses, with the real port where 0 was asked for."""
@@ -101,32 +106,39 @@ class Daemon:
 async def create_server(settings: Settings, pool: ModelPool) -> Daemon:
     """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`."""
     server = grpc.aio.server(options=server_options(settings.limits))
-    depth_pb2_grpc.add_DepthEstimatorServicer_to_server(DepthEstimatorService(pool, settings.limits), server)
+    service = DepthEstimatorService(pool, settings.limits)
+    depth_pb2_grpc.add_DepthEstimatorServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    daemon = Daemon(server, health, pool, [])
+    daemon = Daemon(server, health, service, pool, [])
     await daemon.set_health(NOT_SERVING, "", SERVICE_NAME, *(model_health_name(s.name) for s in pool.specs))
     for address in settings.listen:
         port = server.add_insecure_port(address)
-        if port == 0 and not address.startswith("unix:"):
-            raise OSError(f"cannot listen on {address}")
-        daemon.addresses.append(address if address.startswith("unix:") else f"{address.rpartition(':')[0]}:{port}")
+        if address.startswith("unix:"):
+            # as reachable as the loopback port: any local user may connect (the directory decides)
+            os.chmod(address[len("unix:"):], 0o666)
+            daemon.addresses.append(address)
+        else:
+            daemon.addresses.append(f"{address.rpartition(':')[0]}:{port}")
     return daemon
 
 
 class DepthDaemon:
-    """The daemon's life: start serving at once, load in the background, drain on stop."""
+    """The daemon's life: serve at once, load in the background, tell systemd, drain on stop."""
 
-    def __init__(self, settings: Settings, pool: ModelPool | None = None):
+    def __init__(self, settings: Settings, pool: ModelPool | None = None, notifier: Notifier | None = None):
         self.settings = settings
-        self.pool = pool or pool_from_settings(settings)
+        self.notifier = notifier or Notifier({})
+        interval = self.notifier.watchdog_interval
+        self.pool = pool or pool_from_settings(settings, heartbeat_s=min(1.0, interval / 4) if interval else 1.0)
         self.daemon: Daemon | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
+        self._watchdog: asyncio.Task | None = None
 
     async def start(self) -> list[str]:
         """Bind, start the server (health NOT_SERVING) and begin loading; returns the bound addresses."""
@@ -135,11 +147,9 @@ class DepthDaemon:
         self.daemon = await create_server(self.settings, self.pool)
         await self.daemon.server.start()
         logger.info("listening on %s", ", ".join(self.daemon.addresses))
-        self.pool.load_in_background(
-            progress=lambda name, i, n: logger.info("loading model=%s (%d/%d)", name, i, n),
-            on_ready=self._model_ready,
-            on_done=self._loading_done,
-        )
+        if self.notifier.watchdog_interval:
+            self._watchdog = asyncio.ensure_future(self._keep_watchdog(self.notifier.watchdog_interval / 2))
+        self.pool.load_in_background(progress=self._loading, on_ready=self._model_ready, on_done=self._loading_done)
         return self.daemon.addresses
 
     def request_stop(self) -> None:
@@ -150,33 +160,85 @@ class DepthDaemon:
     async def wait(self) -> int:
         """Serve until asked to stop (or a model fails to load), then drain; returns the exit code."""
         await self._stop.wait()
+        grace = self.settings.drain_grace_s
         if isinstance(self._failure, DepthdError):
             logger.error("%s", self._failure)
         elif self._failure is not None:
             logger.error("loading failed", exc_info=self._failure)
         else:
-            logger.info("stopping: draining for up to %.1f s", self.settings.drain_grace_s)
-        await self.daemon.health.enter_graceful_shutdown()
-        await self.daemon.server.stop(self.settings.drain_grace_s)
-        self.pool.close(self.settings.drain_grace_s)
+            logger.info("stopping: answering the frames received, for up to %.1f s", grace)
+        await self._drain(grace)
+        self.pool.close(grace)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         logger.info("stopped")
         return 1 if self._failure is not None else 0
 
+    async def _drain(self, grace: float) -> None:
+        """Health NOT_SERVING, new calls UNAVAILABLE, calls in progress answered: then stop the server.
+
+        The server keeps accepting connections meanwhile, so a late caller is told
+        UNAVAILABLE (and a health check NOT_SERVING) rather than finding the port closed.
+        """
+        self.notifier.stopping("draining")
+        await self.daemon.health.enter_graceful_shutdown()
+        service = self.daemon.service
+        service.draining.set()
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(service.calls.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            logger.warning("%d call(s) still running after the %.1f s grace: cancelling them", service.calls.count, grace)
+        await self.daemon.server.stop(max(0.0, grace - (time.monotonic() - started)))
+
+    def _loading(self, name: str, position: int, total: int) -> None:
+        logger.info("loading model=%s (%d/%d)", name, position, total)
+        self.notifier.status(f"loading {name} ({position}/{total})")
+
     def _model_ready(self, name: str) -> None:
-        asyncio.run_coroutine_threadsafe(self.daemon.mark_ready(name), self._loop)
+        asyncio.run_coroutine_threadsafe(self._mark_ready(name), self._loop)
+
+    async def _mark_ready(self, name: str) -> None:
+        await self.daemon.mark_ready(name)
+        if self.pool.ready:
+            names = ", ".join(s.name for s in self.pool.specs)
+            self.notifier.ready(f"serving {names} on {', '.join(self.daemon.addresses)}")
 
     def _loading_done(self, error: BaseException | None) -> None:
         if error is not None:
             self._failure = error
             self.request_stop()
 
+    async def _keep_watchdog(self, period: float) -> None:
+        """WATCHDOG=1 every `period`, but only while every model worker shows progress."""
+        withheld = False
+        while True:
+            await asyncio.sleep(period)
+            stalled = self.pool.stalled(within=period)
+            if not stalled:
+                self.notifier.watchdog()
+                withheld = False
+            elif not withheld:
+                logger.error("model worker %s stuck for over %.1f s: withholding the watchdog ping",
+                             ", ".join(stalled), period)
+                withheld = True
+
 
 async def serve(settings: Settings) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
-    daemon = DepthDaemon(settings)
+    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code."""
+    daemon = DepthDaemon(settings, notifier=Notifier())
     loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if signalled:
+            logger.warning("second signal (%s): exiting now, without draining", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        signalled.append(signum)
+        daemon.request_stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, daemon.request_stop)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         await daemon.start()
     except (OSError, RuntimeError) as error:

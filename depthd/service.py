@@ -8,6 +8,7 @@ error becomes that frame's response and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -18,7 +19,7 @@ import grpc
 
 from depthd import convert
 from depthd.config import Limits
-from depthd.errors import DepthdError
+from depthd.errors import DepthdError, Unavailable
 from depthd.pool import ModelPool, PoolResult
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
@@ -37,13 +38,14 @@ def unary_errors(method):
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        try:
-            return await method(self, request, context)
-        except DepthdError as error:
-            await context.abort(status_of(error), str(error))
-        except Exception:
-            logger.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        with self.calls.active():
+            try:
+                return await method(self, request, context)
+            except DepthdError as error:
+                await context.abort(status_of(error), str(error))
+            except Exception:
+                logger.exception("internal error in %s", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     return wrapper
 
@@ -53,25 +55,54 @@ def stream_errors(method):
 
     @functools.wraps(method)
     async def wrapper(self, request_iterator, context: grpc.aio.ServicerContext):
-        try:
-            async for response in method(self, request_iterator, context):
-                yield response
-        except DepthdError as error:
-            await context.abort(status_of(error), str(error))
-        except Exception:
-            logger.exception("internal error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        with self.calls.active():
+            try:
+                async for response in method(self, request_iterator, context):
+                    yield response
+            except DepthdError as error:
+                await context.abort(status_of(error), str(error))
+            except Exception:
+                logger.exception("internal error in %s", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     return wrapper
+
+
+class Calls:
+    """Counts the RPCs in progress, so that a drain can wait until the last one is answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def active(self):
+        self.count += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self.idle.set()
+
+
+_DRAINED = object()
+"""Put in a stream's window when the daemon started draining before the client finished sending."""
 
 
 class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     def __init__(self, pool: ModelPool, limits: Limits):
         self.pool = pool
         self.limits = limits
+        self.draining = asyncio.Event()
+        """Set on shutdown: new calls are refused, open streams read no further frames."""
+        self.calls = Calls()
 
     @unary_errors
     async def Estimate(self, request: pb.EstimateRequest, context: grpc.aio.ServicerContext) -> pb.EstimateResponse:
+        self._refuse_if_draining()
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         done = await asyncio.wrap_future(self._submit(request, deadline))
@@ -83,10 +114,14 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     ) -> AsyncIterator[pb.EstimateResponse]:
         # Frames are submitted as they are read, at most `stream_window` ahead of the
         # responses; past that the stream is not read, and HTTP/2 flow control holds the client.
+        # On shutdown the frames read so far are answered, then the stream ends UNAVAILABLE.
+        self._refuse_if_draining()
         window: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
         reader = asyncio.ensure_future(self._read(request_iterator, window))
         try:
             while (item := await window.get()) is not None:
+                if item is _DRAINED:
+                    self._refuse_if_draining()
                 request, pending = item
                 yield await self._answer(request, pending)
             await reader
@@ -94,7 +129,7 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
             reader.cancel()
             while not window.empty():
                 item = window.get_nowait()
-                if item is not None and isinstance(item[1], Future):
+                if isinstance(item, tuple) and isinstance(item[1], Future):
                     item[1].cancel()
 
     @unary_errors
@@ -108,14 +143,33 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
         spec = convert.output_spec(request, self.limits)
         return self.pool.submit(request.model, source, spec, deadline)
 
+    def _refuse_if_draining(self) -> None:
+        if self.draining.is_set():
+            raise Unavailable("the daemon is shutting down; reconnect when it is back")
+
     async def _read(self, request_iterator: AsyncIterator[pb.EstimateRequest], window: asyncio.Queue) -> None:
-        async for request in request_iterator:
-            try:
-                pending: Future | DepthdError = self._submit(request, None)
-            except DepthdError as error:
-                pending = error
-            await window.put((request, pending))
-        await window.put(None)
+        requests = request_iterator.__aiter__()
+        draining = asyncio.ensure_future(self.draining.wait())
+        try:
+            while True:
+                following = asyncio.ensure_future(requests.__anext__())
+                await asyncio.wait({following, draining}, return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    await window.put(_DRAINED)
+                    return
+                try:
+                    request = following.result()
+                except StopAsyncIteration:
+                    await window.put(None)
+                    return
+                try:
+                    pending: Future | DepthdError = self._submit(request, None)
+                except DepthdError as error:
+                    pending = error
+                await window.put((request, pending))
+        finally:
+            draining.cancel()
 
     async def _answer(self, request: pb.EstimateRequest, pending: "Future[PoolResult] | DepthdError") -> pb.EstimateResponse:
         try:
