@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a settings file without loading any model")
     check.add_argument("file")
+
+    install = commands.add_parser("install-service", help="install the systemd unit (and an example config) for this depthd")
+    install.add_argument("--dry-run", action="store_true", help="print the files instead of writing them")
+    install.add_argument("--prefix", default="/", help="write under this root instead of / (for packaging)")
+    uninstall = commands.add_parser("uninstall-service", help="remove what install-service wrote")
+    uninstall.add_argument("--prefix", default="/", help="the root install-service wrote under")
     return parser
 
 
@@ -106,11 +112,25 @@ def _missing_folders(settings: Settings) -> list[str]:
     return problems
 
 
+def _service(args: argparse.Namespace) -> int:
+    from depthd import install
+
+    try:
+        if args.command == "install-service":
+            return install.install(Path(args.prefix), dry_run=args.dry_run)
+        return install.uninstall(Path(args.prefix))
+    except (install.InstallError, OSError) as error:
+        print(f"depthd: {error}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return _check_config(args)
+    if args.command == "check-config":
+        return _check_config(args)
+    return _service(args)
 
 
 if __name__ == "__main__":
