@@ -1,0 +1,231 @@
+"""Life under systemd: the unit, sd_notify (READY, STATUS, WATCHDOG, STOPPING), the drain, the installer."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from scenes import scene
+from slow_daemon import HANG_WIDTH, SLOW_WIDTH
+
+from depthd.cli import main as depthd_main
+from depthd.systemd import Notifier
+from depthd_client import DepthClient, DepthdError
+
+TESTS = Path(__file__).resolve().parent
+needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+
+
+class Notifications:
+    """The receiving end of NOTIFY_SOCKET, as systemd holds it: (time, assignment) pairs."""
+
+    def __init__(self, path: str):
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(path)
+        self.received: list[tuple[float, str]] = []
+
+    def receive(self, timeout: float) -> list[str] | None:
+        self.socket.settimeout(timeout)
+        try:
+            data = self.socket.recv(4096)
+        except socket.timeout:
+            return None
+        lines = data.decode().split("\n")
+        self.received += [(time.monotonic(), line) for line in lines]
+        return lines
+
+    def wait_for(self, assignment: str, timeout: float) -> float:
+        """Read until `assignment` arrives; its arrival time."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            lines = self.receive(left)
+            if lines and assignment in lines:
+                return time.monotonic()
+        raise AssertionError(f"no {assignment} within {timeout} s; got {[line for _, line in self.received]}")
+
+    def collect(self, seconds: float) -> list[tuple[float, str]]:
+        start = len(self.received)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.receive(left)
+        return self.received[start:]
+
+
+def start_daemon(tiny_models, tmp_path, watchdog_usec: int = 1_000_000):
+    notifications = Notifications(str(tmp_path / "notify.sock"))
+    socket_path = tmp_path / "depthd.sock"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+        "WATCHDOG_USEC": str(watchdog_usec),
+        "DEPTHD_STREAM_WINDOW": "8",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(TESTS / "slow_daemon.py"), "serve", "--model", f"tiny={tiny_models['depth_anything']}",
+         "--listen", f"unix:{socket_path}"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )
+    return process, notifications, f"unix://{socket_path}"
+
+
+def test_ready_watchdog_and_a_drain_that_answers_every_frame(tiny_models, tmp_path):
+    process, notifications, target = start_daemon(tiny_models, tmp_path)
+    try:
+        notifications.wait_for("READY=1", timeout=120)
+        with DepthClient(target) as client:
+            assert client.health() == "SERVING"  # READY=1 comes only once health says so
+        lines = [line for _, line in notifications.received]
+        assert "STATUS=loading tiny (1/1)" in lines
+        assert lines.index("STATUS=loading tiny (1/1)") < lines.index("READY=1")
+
+        pings = [t for t, line in notifications.collect(2.6) if line == "WATCHDOG=1"]
+        gaps = np.diff(pings)
+        assert len(pings) >= 4 and gaps.min() > 0.3 and gaps.max() < 0.9, gaps  # every WATCHDOG_USEC / 2
+
+        frames = [scene(SLOW_WIDTH, 64, seed=i) for i in range(6)]
+        results = []
+        with DepthClient(target) as client:
+            for result in client.stream(frames):
+                results.append(result)
+                if len(results) == 1:
+                    process.send_signal(signal.SIGTERM)
+        notifications.wait_for("STOPPING=1", timeout=10)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [r.frame_id for r in results] == list(range(6))
+    assert all(r.ok for r in results), [r.error for r in results]
+
+
+def test_a_hung_forward_pass_stops_the_pings_and_a_second_signal_exits_at_once(tiny_models, tmp_path):
+    process, notifications, target = start_daemon(tiny_models, tmp_path)
+    try:
+        notifications.wait_for("READY=1", timeout=120)
+        notifications.wait_for("WATCHDOG=1", timeout=5)
+        client = DepthClient(target, timeout=60)
+        threading.Thread(target=lambda: _ignore_errors(client.estimate, scene(HANG_WIDTH, 64)), daemon=True).start()
+        hung_at = time.monotonic()
+        pings = [t for t, line in notifications.collect(3.0) if line == "WATCHDOG=1"]
+        # one ping may still be earned by the progress made before the hang; none after
+        assert all(t < hung_at + 1.0 for t in pings), [round(t - hung_at, 2) for t in pings]
+
+        process.send_signal(signal.SIGTERM)
+        notifications.wait_for("STOPPING=1", timeout=10)
+        assert process.poll() is None  # draining: it waits for the hung frame
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(5) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "withholding the watchdog ping" in process.stderr.read()
+
+
+def _ignore_errors(call, *args):
+    try:
+        call(*args)
+    except DepthdError:
+        pass
+
+
+def test_draining_refuses_new_calls_and_answers_those_received(tiny_models):
+    from daemon import RunningDaemon
+
+    from depthd.config import ModelSettings, Settings
+
+    settings = Settings(listen=("127.0.0.1:0",), models=(
+        ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),), max_batch=1),))
+    running = RunningDaemon(settings)
+    with DepthClient(running.address) as client:
+        client.wait_until_serving(60)
+        model = running.daemon.pool.engine().checkpoint.model
+        forward, release = model.forward, threading.Event()
+        model.forward = lambda *a, **k: (release.wait(30), forward(*a, **k))[1]
+        results = []
+        reader = threading.Thread(target=lambda: results.extend(client.stream([scene(64, 48)] * 3)))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while running.daemon.pool._runners["tiny"].pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running.daemon.request_stop()
+        while client.health() == "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(DepthdError) as caught:
+            client.estimate(scene(64, 48))
+        assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+        release.set()
+        reader.join(30)
+    assert running.stop() == 0
+    assert [r.ok for r in results] == [True, True, True]
+
+
+def test_notifier_speaks_to_abstract_sockets_and_is_silent_outside_systemd():
+    name = f"depthd-test-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.settimeout(5)
+    notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())})
+    notifier.ready("serving")
+    assert listener.recv(100) == b"READY=1\nSTATUS=serving"
+    assert notifier.watchdog_interval == 4.0
+    assert Notifier({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).watchdog_interval is None
+    silent = Notifier({})
+    silent.ready("serving")  # no socket: nothing happens, nothing raises
+    assert not silent.enabled
+
+
+# --- the unit and the installer ------------------------------------------------------------------
+
+
+def _rendered_unit(capsys, tmp_path) -> Path:
+    assert depthd_main(["install-service", "--dry-run", "--prefix", str(tmp_path / "root")]) == 0
+    out = capsys.readouterr().out
+    unit = re.search(r"^# \S+depthd\.service\n(.*?)(?=^# \S+depthd\.yaml)", out, re.S | re.M).group(1)
+    path = tmp_path / "depthd.service"
+    path.write_text(unit)
+    return path
+
+
+@needs_systemd_analyze
+def test_the_rendered_unit_verifies_and_is_hardened(capsys, tmp_path):
+    unit = _rendered_unit(capsys, tmp_path)
+    assert f"ExecStart={Path(sys.executable).parent / 'depthd'} serve --config /etc/depthd/depthd.yaml" in unit.read_text()
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)],
+                              capture_output=True, text=True, timeout=60)
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout).group(1))
+    assert exposure <= 2.0, security.stdout
+
+
+def test_install_keeps_an_existing_config_and_uninstall_removes_what_it_wrote(tmp_path, capsys):
+    root = tmp_path / "root"
+    assert depthd_main(["install-service", "--prefix", str(root)]) == 0
+    unit, config = root / "etc/systemd/system/depthd.service", root / "etc/depthd/depthd.yaml"
+    assert "Type=notify" in unit.read_text() and config.read_text().startswith("# depthd settings")
+    assert "systemctl daemon-reload && systemctl enable --now depthd" in capsys.readouterr().out
+
+    config.write_text(config.read_text().replace("max_batch: 4", "max_batch: 2"))
+    assert depthd_main(["install-service", "--prefix", str(root)]) == 0
+    assert "max_batch: 2" in config.read_text()
+    assert depthd_main(["uninstall-service", "--prefix", str(root)]) == 0
+    assert not unit.exists() and config.exists()
+    assert "kept" in capsys.readouterr().out
+
+    config.unlink()
+    assert depthd_main(["install-service", "--prefix", str(root)]) == 0
+    assert depthd_main(["uninstall-service", "--prefix", str(root)]) == 0
+    assert not unit.exists() and not config.exists()
