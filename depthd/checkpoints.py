@@ -41,8 +41,12 @@ class Checkpoint:
     parameters: int
 
 
-def load_checkpoint(name: str, source: str, device: str, dtype: Any) -> Checkpoint:
-    """Load `source` onto `device` in `dtype`; raises ModelLoadError with the cause."""
+def load_checkpoint(name: str, source: str, device: str, dtype: Any, attention: str | None = None) -> Checkpoint:
+    """Load `source` onto `device` in `dtype`; raises ModelLoadError with the cause.
+
+    `attention` ("sdpa" or "eager") applies to the model and every sub-model (a
+    backbone) whose class offers the choice; None keeps transformers' default.
+    """
     from transformers import AutoConfig
 
     local = _local_folder(name, source)
@@ -50,6 +54,8 @@ def load_checkpoint(name: str, source: str, device: str, dtype: Any) -> Checkpoi
     config = _guarded(name, source, "config.json", lambda: AutoConfig.from_pretrained(source, **options))
     architecture = _architecture(name, source, config)
     preprocessing = _preprocessing(name, source, architecture, options)
+    if attention is not None:
+        options = {**options, "attn_implementation": _attention_per_config(config, attention)}
     model = _model(name, source, config, architecture, dtype, options)
     model.to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
@@ -58,6 +64,24 @@ def load_checkpoint(name: str, source: str, device: str, dtype: Any) -> Checkpoi
         name, source, architecture.model_type, parameters, device, str(dtype).removeprefix("torch."),
     )
     return Checkpoint(name, source, architecture, model, config, preprocessing, parameters)
+
+
+def _attention_per_config(config: Any, attention: str) -> dict[str, str]:
+    """transformers refuses SDPA for a whole model when a part of it lacks it (Depth Anything's
+    head, DPT-hybrid's BiT backbone): ask for it on each part whose class supports it."""
+    from transformers import AutoBackbone, AutoModelForDepthEstimation
+
+    def offers(mapping, part_config) -> bool:
+        return attention == "eager" or getattr(mapping._model_mapping.get(type(part_config), None), "_supports_sdpa", False)
+
+    choice = {
+        key: attention
+        for key in getattr(config, "sub_configs", {})
+        if getattr(config, key, None) is not None and offers(AutoBackbone, getattr(config, key))
+    }
+    if offers(AutoModelForDepthEstimation, config):
+        choice[""] = attention
+    return choice
 
 
 def _local_folder(name: str, source: str) -> bool:

@@ -49,6 +49,19 @@ class EngineOptions:
     """"auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16"."""
     flip_augmentation: bool | None = None
     """Average each map with its mirror image's; None: the architecture's default (on for ZoeDepth)."""
+    attention: str | None = None
+    """"sdpa" or "eager" for the layers that offer a choice; None: transformers' default (SDPA where supported)."""
+    channels_last: bool = False
+    """Feed the model NHWC tensors, which some convolution kernels run faster."""
+    compile: bool = False
+    """Run the forward pass through `torch.compile`: slower warm-up, a new compile per input shape."""
+    cuda_graphs: bool = False
+    """CUDA only: compile with CUDA graphs ("reduce-overhead"), replayed for the warm-up sizes."""
+
+
+def set_torch_threads(count: int) -> None:
+    """Threads for torch's CPU kernels, for the whole process."""
+    torch.set_num_threads(count)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -71,40 +84,74 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return DTYPES[spec]
 
 
+def check_knobs(options: EngineOptions, device: torch.device) -> None:
+    if options.attention not in (None, "sdpa", "eager"):
+        raise InvalidArgument(f"attention: {options.attention!r} is not one of sdpa, eager")
+    if options.cuda_graphs and device.type != "cuda":
+        raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
+
+
 @dataclass
 class _Group:
-    """Frames of one input size and pixel format, on their way through the engine."""
+    """Frames of one processed size after their shared forward pass; `indices` index the batch."""
 
     indices: list[int]
+    predicted: torch.Tensor
+    field_of_view: torch.Tensor | None
+
+
+@dataclass
+class Prepared:
+    """One frame pre-processed for the model: its input tensor on the device, and how it was made.
+
+    Frames with the same `processed` size can share a forward pass.
+    """
+
+    pixel_values: torch.Tensor
+    """1 x C x H x W, on the model's device, in the model's dtype."""
     plan: Plan
-    pixel_values: torch.Tensor | None = None
-    predicted: torch.Tensor | None = None
-    field_of_view: torch.Tensor | None = None
+    input_size: tuple[int, int]
+    preprocess_ms: float
+
+    @property
+    def processed(self) -> tuple[int, int]:
+        return self.plan.processed
 
 
 class DepthEngine:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, flip: bool):
+    def __init__(
+        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, options: EngineOptions = EngineOptions()
+    ):
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
-        self.flip = flip
+        self.options = options
+        self.flip = checkpoint.architecture.flip_by_default if options.flip_augmentation is None else options.flip_augmentation
         self.kind: DepthKind = checkpoint.architecture.kind(checkpoint.config)
         self._luts: dict[str, torch.Tensor | None] = {}
+        self._model = self._compiled(checkpoint.model)
 
     @classmethod
     def load(cls, name: str, source: str, options: EngineOptions = EngineOptions()) -> "DepthEngine":
         try:
             device = resolve_device(options.device)
             dtype = resolve_dtype(options.dtype, device)
+            check_knobs(options, device)
         except InvalidArgument as error:
             raise ModelLoadError(name, source, str(error)) from error
-        checkpoint = load_checkpoint(name, source, str(device), dtype)
-        flip = checkpoint.architecture.flip_by_default if options.flip_augmentation is None else options.flip_augmentation
-        return cls(checkpoint, device, dtype, flip)
+        checkpoint = load_checkpoint(name, source, str(device), dtype, options.attention)
+        if options.channels_last:
+            checkpoint.model.to(memory_format=torch.channels_last)
+        return cls(checkpoint, device, dtype, options)
 
     @property
     def name(self) -> str:
         return self.checkpoint.name
+
+    @property
+    def default_max_batch(self) -> int:
+        """On CPU a batch of two costs more than two single frames (docs/performance.md); on CUDA it is nearly free."""
+        return 8 if self.device.type == "cuda" else 1
 
     def check_output(self, spec: OutputSpec) -> None:
         """Refuse what this model cannot give, before any work is done."""
@@ -120,21 +167,48 @@ class DepthEngine:
 
     def estimate(self, frames: list[Frame], specs: list[OutputSpec]) -> list[DepthResult]:
         """Depth for every frame, in order; frames of one processed size share a forward pass."""
-        if len(frames) != len(specs):
+        return self.infer(self.prepare(frames), specs)
+
+    def prepare(self, frames: list[Frame]) -> list[Prepared]:
+        """Pre-process frames on the device, frames of one input size and format as one tensor.
+
+        The pool calls this on its decode threads, one frame at a time, so that it
+        overlaps the forward pass of the batch before.
+        """
+        by_input: dict[tuple, list[int]] = defaultdict(list)
+        for index, frame in enumerate(frames):
+            by_input[(frame.height, frame.width, frame.pixel_format)].append(index)
+        prepared: list[Prepared | None] = [None] * len(frames)
+        preprocessing = self.checkpoint.preprocessing
+        with torch.inference_mode():
+            for (height, width, pixel_format), indices in by_input.items():
+                with self._stage() as took:
+                    pixels = torch.stack([torch.from_numpy(frames[i].pixels) for i in indices])
+                    if self.device.type == "cuda":
+                        pixels = pixels.pin_memory()
+                    pixels = pixels.to(self.device, non_blocking=True)
+                    plan = preprocessing.plan(height, width)
+                    values = preprocessing(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
+                    if self.options.channels_last:
+                        values = values.contiguous(memory_format=torch.channels_last)
+                for row, index in enumerate(indices):
+                    prepared[index] = Prepared(values[row : row + 1], plan, (height, width), took[0] / len(indices))
+        return prepared
+
+    def infer(self, prepared: list[Prepared], specs: list[OutputSpec]) -> list[DepthResult]:
+        """Forward and post-process pre-processed frames, one forward pass per processed size."""
+        if len(prepared) != len(specs):
             raise ValueError("one OutputSpec per frame")
         for spec in specs:
             self.check_output(spec)
         with torch.inference_mode():
-            with self._stage() as preprocess:
-                groups = self._preprocess(frames)
             with self._stage() as inference:
-                self._forward(groups)
+                groups = self._forward(prepared)
             with self._stage() as postprocess:
-                encoded = self._postprocess(groups, frames, specs)
+                encoded = self._postprocess(groups, prepared, specs)
                 results = self._to_host(encoded, specs)
-        timing = StageTimes(preprocess[0], inference[0], postprocess[0], len(frames))
-        for result in results:
-            result.timing = timing
+        for item, result in zip(prepared, results):
+            result.timing = StageTimes(item.preprocess_ms, inference[0], postprocess[0], len(prepared))
         return results
 
     def warmup(self, sizes=DEFAULT_WARMUP_SIZES, batch: int = 1) -> None:
@@ -152,44 +226,25 @@ class DepthEngine:
 
     # --- stages ------------------------------------------------------------------------------
 
-    def _preprocess(self, frames: list[Frame]) -> list[_Group]:
-        by_input: dict[tuple, list[int]] = defaultdict(list)
-        for index, frame in enumerate(frames):
-            by_input[(frame.height, frame.width, frame.pixel_format)].append(index)
+    def _forward(self, prepared: list[Prepared]) -> list[_Group]:
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, item in enumerate(prepared):
+            by_size[item.processed].append(index)
         groups = []
-        preprocessing = self.checkpoint.preprocessing
-        for (height, width, pixel_format), indices in by_input.items():
-            pixels = torch.stack([torch.from_numpy(frames[i].pixels) for i in indices])
-            pixels = pixels.to(self.device, non_blocking=True)
-            plan = preprocessing.plan(height, width)
-            group = _Group(indices, plan)
-            group.pixel_values = preprocessing(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
-            groups.append(group)
-        return groups
-
-    def _forward(self, groups: list[_Group]) -> None:
-        by_size: dict[tuple[int, int], list[_Group]] = defaultdict(list)
-        for group in groups:
-            by_size[group.plan.processed].append(group)
-        for members in by_size.values():
-            batch = torch.cat([g.pixel_values for g in members])
+        for indices in by_size.values():
+            batch = torch.cat([prepared[i].pixel_values for i in indices])
             if self.flip:
                 batch = torch.cat([batch, batch.flip(-1)])
-            outputs = self.checkpoint.model(pixel_values=batch)
+            outputs = self._model(pixel_values=batch)
             predicted = outputs.predicted_depth
             fov = getattr(outputs, "field_of_view", None)
             if self.flip:
                 predicted = average_flipped(predicted)
                 fov = None if fov is None else fov.view(2, -1).mean(0)
-            start = 0
-            for group in members:
-                count = len(group.indices)
-                group.predicted = predicted[start : start + count]
-                group.field_of_view = None if fov is None else fov.flatten()[start : start + count]
-                group.pixel_values = None
-                start += count
+            groups.append(_Group(indices, predicted, None if fov is None else fov.flatten()))
+        return groups
 
-    def _postprocess(self, groups: list[_Group], frames: list[Frame], specs: list[OutputSpec]) -> dict[int, tuple]:
+    def _postprocess(self, groups: list[_Group], prepared: list[Prepared], specs: list[OutputSpec]) -> dict[int, tuple]:
         recipe = self.checkpoint.architecture.recipe
         out: dict[int, tuple] = {}
         for group in groups:
@@ -197,12 +252,12 @@ class DepthEngine:
             metric_pro = recipe == "depth_pro" and group.field_of_view is not None
             if metric_pro:
                 predicted = depth_pro_metric(predicted, group.field_of_view)
-            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            by_output: dict[tuple[Plan, tuple[int, int]], list[int]] = defaultdict(list)
             for position, index in enumerate(group.indices):
-                by_size[specs[index].size_for(frames[index].height, frames[index].width)].append(position)
-            processed = tuple(group.plan.processed)
-            for out_size, positions in by_size.items():
-                depth = to_output_size(recipe, predicted[positions], group.plan, processed, out_size)
+                item = prepared[index]
+                by_output[(item.plan, specs[index].size_for(*item.input_size))].append(position)
+            for (plan, out_size), positions in by_output.items():
+                depth = to_output_size(recipe, predicted[positions], plan, plan.processed, out_size)
                 if recipe == "depth_pro":
                     depth = invert_depth_pro(depth)
                 for row, position in enumerate(positions):
@@ -236,6 +291,13 @@ class DepthEngine:
         return results
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    def _compiled(self, model):
+        if self.options.cuda_graphs:
+            return torch.compile(model, mode="reduce-overhead")
+        if self.options.compile:
+            return torch.compile(model)
+        return model
 
     def _lut(self, name: str | None) -> torch.Tensor | None:
         name = name or "gray"

@@ -13,7 +13,7 @@ from scenes import scene
 
 from depthd.domain import DepthEncoding, DepthKind, Frame, OutputSpec, PixelFormat
 from depthd.encode import visualize
-from depthd.engine import DepthEngine
+from depthd.engine import DepthEngine, EngineOptions
 from depthd.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, UnsupportedArchitecture
 from depthd.pool import ModelPool, ModelSpec
 
@@ -80,6 +80,21 @@ def test_a_batch_gives_what_single_frames_give(tiny_models):
     for frame, spec, together in zip(frames, specs, batched):
         alone = engine.estimate([frame], [spec])[0]
         np.testing.assert_allclose(together.depth, alone.depth, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["dpt", "dpt_hybrid", "depth_anything", "zoedepth", "glpn", "depth_pro"])
+def test_speed_knobs_keep_the_numbers(tiny_models, architecture):
+    frame = Frame(scene(90, 60))
+    source = str(tiny_models[architecture])
+    expected = DepthEngine.load("plain", source).estimate([frame], [OutputSpec()])[0].depth
+    for options in (EngineOptions(attention="eager", channels_last=True), EngineOptions(attention="sdpa")):
+        got = DepthEngine.load("tuned", source, options).estimate([frame], [OutputSpec()])[0].depth
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected - expected.mean()) < 1e-4, options
+
+
+def test_cuda_graphs_are_refused_off_cuda(tiny_models):
+    with pytest.raises(ModelLoadError, match="cuda_graphs: needs a CUDA device"):
+        DepthEngine.load("graphs", str(tiny_models["dpt"]), EngineOptions(device="cpu", cuda_graphs=True))
 
 
 def test_pixel_formats_are_converted_on_the_device(relative):
