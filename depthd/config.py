@@ -37,14 +37,22 @@ class ModelSettings:
     """None: the daemon's `dtype`."""
     warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
     """(height, width) of the frames to expect; each is run once before the model is ready."""
-    max_batch: int = 4
-    """Most frames in one forward pass."""
+    max_batch: int | None = None
+    """Most frames in one forward pass; None: 1 on CPU (a batch is no faster per frame there), 8 on CUDA."""
     max_wait_ms: float = 2.0
     """Longest a frame waits for others to share its forward pass."""
     max_queue: int = 64
     """Most frames waiting for this model; more are refused with RESOURCE_EXHAUSTED."""
     flip_augmentation: bool | None = None
     """Average with the mirrored frame's map; None: the architecture's default (ZoeDepth: on)."""
+    attention: str | None = None
+    """"sdpa" or "eager"; None: transformers' default (SDPA where the architecture has it)."""
+    channels_last: bool = False
+    """NHWC input and weights for the convolutions."""
+    compile: bool = False
+    """torch.compile the forward pass (slow first calls; warm-up pays for the warm-up sizes)."""
+    cuda_graphs: bool = False
+    """CUDA only: torch.compile with CUDA graphs for the warm-up sizes."""
     demo: bool = False
     """Random weights: marked as such in ListModels and the log (set for the demo model only)."""
 
@@ -72,6 +80,9 @@ class Settings:
     log_format: str = "text"
     drain_grace_s: float = 10.0
     decode_threads: int = 2
+    """Threads that decode and pre-process frames while the models run."""
+    torch_threads: int = 0
+    """Threads torch's CPU kernels use; 0: torch's default (one per core)."""
     demo: bool = False
     """Also serve DEMO_MODEL, a tiny random-weight Depth Anything built at start-up (smoke tests)."""
     limits: Limits = field(default_factory=Limits)
@@ -102,6 +113,7 @@ _ENV_SCALARS = {
     "DEPTHD_LOG_FORMAT": "log_format",
     "DEPTHD_DRAIN_GRACE_S": "drain_grace_s",
     "DEPTHD_DECODE_THREADS": "decode_threads",
+    "DEPTHD_TORCH_THREADS": "torch_threads",
     "DEPTHD_DEMO": "demo",
     **{f"DEPTHD_{f.name.upper()}": f"limits.{f.name}" for f in fields(Limits)},
 }
@@ -267,6 +279,7 @@ def _validate(data: dict[str, Any], origin: dict[str, str]) -> Settings:
         log_format=check.choice("log_format", data.get("log_format", defaults.log_format), LOG_FORMATS),
         drain_grace_s=check.number("drain_grace_s", data.get("drain_grace_s", defaults.drain_grace_s), 0, 3600),
         decode_threads=check.integer("decode_threads", data.get("decode_threads", defaults.decode_threads), 1, 64),
+        torch_threads=check.integer("torch_threads", data.get("torch_threads", defaults.torch_threads), 0, 1024),
         demo=demo,
         limits=limits,
     )
@@ -323,10 +336,18 @@ def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...
                 device=None if entry.get("device") is None else check.device(f"{key}.device", entry["device"]),
                 dtype=None if entry.get("dtype") is None else check.choice(f"{key}.dtype", entry["dtype"], DTYPES),
                 warmup_sizes=_sizes(check, f"{key}.warmup_sizes", entry.get("warmup_sizes", d.warmup_sizes)),
-                max_batch=check.integer(f"{key}.max_batch", entry.get("max_batch", d.max_batch), 1, 256),
+                max_batch=None if entry.get("max_batch") is None else check.integer(
+                    f"{key}.max_batch", entry["max_batch"], 1, 256
+                ),
                 max_wait_ms=check.number(f"{key}.max_wait_ms", entry.get("max_wait_ms", d.max_wait_ms), 0, 1000),
                 max_queue=check.integer(f"{key}.max_queue", entry.get("max_queue", d.max_queue), 1, 100_000),
                 flip_augmentation=None if flip is None else check.boolean(f"{key}.flip_augmentation", flip),
+                attention=None if entry.get("attention") is None else check.choice(
+                    f"{key}.attention", entry["attention"], ("sdpa", "eager")
+                ),
+                channels_last=check.boolean(f"{key}.channels_last", entry.get("channels_last", False)),
+                compile=check.boolean(f"{key}.compile", entry.get("compile", False)),
+                cuda_graphs=check.boolean(f"{key}.cuda_graphs", entry.get("cuda_graphs", False)),
                     )
         )
     names = [m.name for m in models]

@@ -66,6 +66,14 @@ def output_spec(request: pb.EstimateRequest, limits: Limits) -> OutputSpec:
 
 
 def response(request: pb.EstimateRequest, done: PoolResult) -> pb.EstimateResponse:
+    if done.dropped:
+        return pb.EstimateResponse(
+            frame_id=request.frame_id,
+            timestamp_ns=request.timestamp_ns,
+            model=done.model,
+            dropped=True,
+            timing=pb.Timing(queue_ms=done.queue_ms, total_ms=done.total_ms),
+        )
     result = done.result
     height, width = result.depth.shape[:2]
     timing = result.timing
@@ -96,6 +104,11 @@ def response(request: pb.EstimateRequest, done: PoolResult) -> pb.EstimateRespon
     )
 
 
+def ids_only(request: pb.EstimateRequest) -> pb.EstimateRequest:
+    """What a response needs of its request, without the image a waiting stream would otherwise hold."""
+    return pb.EstimateRequest(model=request.model, frame_id=request.frame_id, timestamp_ns=request.timestamp_ns)
+
+
 def error_response(request: pb.EstimateRequest, code: int, message: str) -> pb.EstimateResponse:
     """The response for a stream's frame that failed: ids echoed, no depth, the status in `error`."""
     return pb.EstimateResponse(
@@ -121,4 +134,7 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         note=note,
         frames_total=status.frames_total,
         frames_dropped=status.frames_dropped,
+        batch_sizes=status.batch_sizes,
+        max_batch=status.max_batch,
+        queue_peak=status.queue_peak,
     )

@@ -1,10 +1,11 @@
 """The warm model pool: the only place with threads and queues.
 
 It loads and warms every configured model, then runs one worker per model. A frame
-submitted to the pool is decoded on a decode thread, queued for its model, and picked
-up by the model's batcher, which gathers frames from every stream and unary call up
-to `max_batch` before a `time.monotonic()` deadline, runs them through the engine in
-one call and hands each caller its result through a `concurrent.futures.Future`.
+submitted to the pool is decoded and pre-processed on a decode thread (while the
+model runs the batch before), queued in its stream's lane, and picked up by the
+model's batcher, which gathers frames of one processed size, round-robin across
+lanes, up to `max_batch` before a `time.monotonic()` deadline, runs them in one
+forward pass and hands each caller its result through a `concurrent.futures.Future`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from depthd.domain import DepthKind, DepthResult, OutputSpec
-from depthd.engine import DEFAULT_WARMUP_SIZES, DepthEngine, EngineOptions
+from depthd.engine import DEFAULT_WARMUP_SIZES, DepthEngine, EngineOptions, Prepared, set_torch_threads
 from depthd.errors import DeadlineExceeded, DepthdError, NotFound, ResourceExhausted, Unavailable
 from depthd.frames import FrameLimits, ImageSource, decode, encode_png
 
@@ -35,7 +36,8 @@ class ModelSpec:
     options: EngineOptions = field(default_factory=EngineOptions)
     warmup_sizes: tuple[tuple[int, int], ...] = DEFAULT_WARMUP_SIZES
     """(height, width) sizes to run once before the model is ready."""
-    max_batch: int = 4
+    max_batch: int | None = None
+    """None: the engine's default for its device (1 on CPU, 8 on CUDA)."""
     max_wait_ms: float = 2.0
     max_queue: int = 64
     demo: bool = False
@@ -57,27 +59,50 @@ class ModelStatus:
     frames_total: int = 0
     frames_dropped: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    """How many forward passes ran with each number of frames."""
+    queue_peak: int = 0
+    """The most frames waiting at once since start."""
+    max_batch: int = 0
 
 
 @dataclass(frozen=True)
 class PoolResult:
-    """A frame's depth, with the whole path's timing."""
+    """A frame's depth, with the whole path's timing; `result` is None for a dropped frame."""
 
-    result: DepthResult
+    result: DepthResult | None
     model: str
     queue_ms: float
     total_ms: float
     visualization_png: bytes | None = None
 
+    @property
+    def dropped(self) -> bool:
+        return self.result is None
 
-@dataclass
+
+class Lane:
+    """One stream's place in the pool.
+
+    The batcher takes frames round-robin across lanes, so a stream sending fast
+    cannot starve the others; a latest-frame-wins frame replaces its lane's frame
+    still waiting for the same model. Unary calls each get a lane of their own.
+    """
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        """Frames of this lane dropped for a newer one."""
+
+
+@dataclass(eq=False)
 class _Request:
     source: ImageSource
     spec: OutputSpec
     future: Future
     arrived: float
     deadline: float | None
-    frame: object = None
+    lane: object
+    prepared: Prepared | None = None
+    dropped: bool = False
 
 
 Progress = Callable[[str, int, int], None]
@@ -86,48 +111,90 @@ Progress = Callable[[str, int, int], None]
 class _Runner:
     """One model's queue and batching worker.
 
-    `heartbeat` is the last time the worker loop showed progress: after each batch,
-    and every `heartbeat_s` while idle. A forward pass that hangs stops it.
+    A request is *waiting* from `admit` until the batcher takes it: first decoding and
+    pre-processing on a decode thread, then in its lane's queue. `heartbeat` is the
+    last time the worker loop showed progress: after each batch, and every
+    `heartbeat_s` while idle. A forward pass that hangs stops it.
     """
 
     def __init__(self, spec: ModelSpec, engine: DepthEngine, heartbeat_s: float):
         self.spec = spec
         self.engine = engine
+        self.max_batch = spec.max_batch or engine.default_max_batch
         self.heartbeat_s = heartbeat_s
         self.heartbeat = time.monotonic()
-        self.queue: collections.deque[_Request] = collections.deque()
-        self.pending = 0
-        """Frames submitted and not yet taken into a batch (decoding or queued)."""
         self.condition = threading.Condition()
         self.closing = False
+        self.waiting: dict[object, list[_Request]] = {}
+        """Per lane, its waiting requests, in submission order."""
+        self.lanes: dict[object, collections.deque[_Request]] = {}
+        """Per lane, its requests ready for a batch; dict order is the round-robin order."""
+        self.pending = 0
+        self.ready = 0
+        self.queue_peak = 0
         self.frames_total = 0
         self.frames_dropped = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.thread = threading.Thread(target=self._run, name=f"depthd-model-{spec.name}", daemon=True)
 
-    def reserve(self) -> None:
+    def admit(self, request: _Request, latest_wins: bool) -> None:
+        """Count a new request against max_queue; with `latest_wins`, its lane's waiting frames give way."""
         with self.condition:
             if self.closing:
                 raise Unavailable(f"model {self.spec.name!r} is shutting down")
+            if latest_wins:
+                for older in list(self.waiting.get(request.lane, [])):
+                    self._drop(older)
             if self.pending >= self.spec.max_queue:
                 raise ResourceExhausted(
                     f"model {self.spec.name!r} has {self.pending} frames waiting, its limit (max_queue)"
                 )
             self.pending += 1
+            self.queue_peak = max(self.queue_peak, self.pending)
+            self.waiting.setdefault(request.lane, []).append(request)
 
-    def release(self) -> None:
+    def abandon(self, request: _Request) -> None:
+        """A waiting request that will not reach a batch: cancelled, or failed to decode."""
         with self.condition:
-            self.pending -= 1
+            if not request.dropped:
+                self._forget(request)
+                self.condition.notify()
 
     def put(self, request: _Request) -> None:
         with self.condition:
-            self.queue.append(request)
+            if request.dropped:
+                return
+            self.lanes.setdefault(request.lane, collections.deque()).append(request)
+            self.ready += 1
             self.condition.notify()
 
     def close(self) -> None:
         with self.condition:
             self.closing = True
             self.condition.notify_all()
+
+    def _drop(self, request: _Request) -> None:
+        self._forget(request)
+        request.dropped = True
+        queue = self.lanes.get(request.lane)
+        if queue is not None and request in queue:
+            queue.remove(request)
+            self.ready -= 1
+            if not queue:
+                del self.lanes[request.lane]
+        self.frames_dropped += 1
+        if isinstance(request.lane, Lane):
+            request.lane.dropped += 1
+        if request.future.set_running_or_notify_cancel():
+            waited = (time.monotonic() - request.arrived) * 1000
+            request.future.set_result(PoolResult(None, self.spec.name, waited, waited))
+
+    def _forget(self, request: _Request) -> None:
+        self.pending -= 1
+        lane = self.waiting[request.lane]
+        lane.remove(request)
+        if not lane:
+            del self.waiting[request.lane]
 
     def _run(self) -> None:
         while True:
@@ -140,19 +207,21 @@ class _Runner:
     def _gather(self) -> list[_Request] | None:
         """Wait for a frame, then for more until max_batch or max_wait_ms; None when closed and empty."""
         with self.condition:
-            while not self.queue:
-                if self.closing:
+            while not self.ready:
+                if self.closing and not self.pending:
                     return None
                 self.condition.wait(self.heartbeat_s)
                 self.heartbeat = time.monotonic()
             deadline = time.monotonic() + self.spec.max_wait_ms / 1000
-            while len(self.queue) < self.spec.max_batch and not self.closing:
+            while self.ready < self.max_batch and not self.closing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.condition.wait(left)
-            batch = [self.queue.popleft() for _ in range(min(self.spec.max_batch, len(self.queue)))]
-            self.pending -= len(batch)
+            batch = self._take()
+            for request in batch:
+                self._forget(request)
+            self.ready -= len(batch)
         now = time.monotonic()
         live = []
         for request in batch:
@@ -164,10 +233,32 @@ class _Runner:
             live.append(request)
         return live
 
+    def _take(self) -> list[_Request]:
+        """Up to max_batch ready frames of one processed size: the size of the oldest ready frame,
+        then one frame per lane per round, lanes served last going last."""
+        oldest = min((queue[0] for queue in self.lanes.values()), key=lambda r: r.arrived)
+        size = oldest.prepared.processed
+        batch: list[_Request] = []
+        taken = True
+        while taken and len(batch) < self.max_batch:
+            taken = False
+            for lane in list(self.lanes):
+                queue = self.lanes[lane]
+                if queue[0].prepared.processed != size:
+                    continue
+                batch.append(queue.popleft())
+                taken = True
+                del self.lanes[lane]
+                if queue:
+                    self.lanes[lane] = queue
+                if len(batch) == self.max_batch:
+                    break
+        return batch
+
     def _process(self, batch: list[_Request]) -> None:
         started = time.monotonic()
         try:
-            results = self.engine.estimate([r.frame for r in batch], [r.spec for r in batch])
+            results = self.engine.infer([r.prepared for r in batch], [r.spec for r in batch])
         except DepthdError as error:
             for request in batch:
                 request.future.set_exception(error)
@@ -200,6 +291,7 @@ class ModelPool:
         default: str | None = None,
         limits: FrameLimits = FrameLimits(),
         decode_threads: int = 2,
+        torch_threads: int = 0,
         heartbeat_s: float = 1.0,
     ):
         if not specs:
@@ -215,6 +307,8 @@ class ModelPool:
         self.heartbeat_s = heartbeat_s
         self._runners: dict[str, _Runner] = {}
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="depthd-decode")
+        if torch_threads:
+            set_torch_threads(torch_threads)
         self._closed = False
 
     # --- loading ---------------------------------------------------------------------------
@@ -274,29 +368,42 @@ class ModelPool:
     # --- serving ---------------------------------------------------------------------------
 
     def submit(
-        self, model: str, source: ImageSource, spec: OutputSpec, deadline: float | None = None
+        self,
+        model: str,
+        source: ImageSource,
+        spec: OutputSpec,
+        deadline: float | None = None,
+        lane: Lane | None = None,
+        latest_wins: bool = False,
     ) -> "Future[PoolResult]":
-        """Queue one frame for `model` ("" = default). Errors known up front raise here;
-        later ones (a bad image, a failed forward) come through the future."""
+        """Queue one frame for `model` ("" = default) from `lane` (a stream; None: a lane of its own).
+
+        Errors known up front raise here; later ones (a bad image, a failed forward)
+        come through the future. With `latest_wins`, the lane's frames still waiting
+        for this model resolve at once as dropped.
+        """
         runner = self._runner(model)
         runner.engine.check_output(spec)
-        runner.reserve()
-        request = _Request(source, spec, Future(), time.monotonic(), deadline)
+        request = _Request(source, spec, Future(), time.monotonic(), deadline, lane)
+        if lane is None:
+            request.lane = request
+        runner.admit(request, latest_wins)
         try:
-            self._decoder.submit(self._decode_and_queue, runner, request)
+            self._decoder.submit(self._prepare_and_queue, runner, request)
         except RuntimeError as error:  # the executor is shut down
-            runner.release()
+            runner.abandon(request)
             raise Unavailable("the daemon is shutting down") from error
         return request.future
 
-    def _decode_and_queue(self, runner: _Runner, request: _Request) -> None:
-        if request.future.cancelled():
-            runner.release()
+    def _prepare_and_queue(self, runner: _Runner, request: _Request) -> None:
+        """Decode and pre-process on a decode thread, overlapping the model's current forward pass."""
+        if request.dropped or request.future.cancelled():
+            runner.abandon(request)
             return
         try:
-            request.frame = decode(request.source, self.limits)
+            request.prepared = runner.engine.prepare([decode(request.source, self.limits)])[0]
         except Exception as error:
-            runner.release()
+            runner.abandon(request)
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(error)
             return
@@ -318,6 +425,8 @@ class ModelPool:
                     frames_total=runner.frames_total,
                     frames_dropped=runner.frames_dropped,
                     batch_sizes=dict(runner.batch_sizes),
+                    queue_peak=runner.queue_peak,
+                    max_batch=runner.max_batch,
                 )
             statuses.append(status)
         return statuses

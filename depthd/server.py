@@ -63,7 +63,13 @@ def pool_from_settings(settings: Settings, heartbeat_s: float = 1.0) -> ModelPoo
             name=m.name,
             source=m.source,
             options=EngineOptions(
-                device=settings.device_for(m), dtype=settings.dtype_for(m), flip_augmentation=m.flip_augmentation
+                device=settings.device_for(m),
+                dtype=settings.dtype_for(m),
+                flip_augmentation=m.flip_augmentation,
+                attention=m.attention,
+                channels_last=m.channels_last,
+                compile=m.compile,
+                cuda_graphs=m.cuda_graphs,
             ),
             warmup_sizes=m.warmup_sizes,
             max_batch=m.max_batch,
@@ -78,6 +84,7 @@ def pool_from_settings(settings: Settings, heartbeat_s: float = 1.0) -> ModelPoo
         default=settings.default,
         limits=FrameLimits(max_input_pixels=settings.limits.max_input_pixels),
         decode_threads=settings.decode_threads,
+        torch_threads=settings.torch_threads,
         heartbeat_s=heartbeat_s,
     )
 

@@ -20,7 +20,7 @@ import grpc
 from depthd import convert
 from depthd.config import Limits
 from depthd.errors import DepthdError, Unavailable
-from depthd.pool import ModelPool, PoolResult
+from depthd.pool import Lane, ModelPool, PoolResult
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
 
@@ -91,6 +91,26 @@ class Calls:
 _DRAINED = object()
 """Put in a stream's window when the daemon started draining before the client finished sending."""
 
+DROPPED_BACKLOG = 1024
+"""Responses of dropped frames a stream may have waiting behind a frame still in the model."""
+
+
+class _Place:
+    """A frame's place in its stream's window, freed once: when it is answered or dropped."""
+
+    def __init__(self, places: asyncio.Semaphore, held: bool):
+        self._places = places
+        self._held = held
+
+    def free(self) -> None:
+        if self._held:
+            self._held = False
+            self._places.release()
+
+    def free_if_dropped(self, pending: "Future[PoolResult]") -> None:
+        if not pending.cancelled() and pending.exception() is None and pending.result().dropped:
+            self.free()
+
 
 class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     def __init__(self, pool: ModelPool, limits: Limits):
@@ -112,18 +132,26 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     async def EstimateStream(
         self, request_iterator: AsyncIterator[pb.EstimateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EstimateResponse]:
-        # Frames are submitted as they are read, at most `stream_window` ahead of the
-        # responses; past that the stream is not read, and HTTP/2 flow control holds the client.
+        # Frames are submitted as they are read. At most `stream_window` of them hold an
+        # image and wait for an answer; past that the stream is not read, and HTTP/2 flow
+        # control holds the client. After a latest_frame_wins frame the next is read
+        # without waiting for a place: it drops the one before if that is still waiting,
+        # so such a stream holds at most the frame in the model and the newest one, and
+        # only the ids of the dropped ones wait for their turn to be answered.
         # On shutdown the frames read so far are answered, then the stream ends UNAVAILABLE.
         self._refuse_if_draining()
-        window: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window)
-        reader = asyncio.ensure_future(self._read(request_iterator, window))
+        window: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window + DROPPED_BACKLOG)
+        lane = Lane()
+        reader = asyncio.ensure_future(self._read(request_iterator, window, lane))
         try:
             while (item := await window.get()) is not None:
                 if item is _DRAINED:
                     self._refuse_if_draining()
-                request, pending = item
-                yield await self._answer(request, pending)
+                request, pending, place = item
+                answer = await self._answer(request, pending)
+                place.free()
+                answer.stream_dropped = lane.dropped
+                yield answer
             await reader
         finally:
             reader.cancel()
@@ -138,20 +166,31 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _submit(self, request: pb.EstimateRequest, deadline: float | None) -> "Future[PoolResult]":
+    def _submit(
+        self, request: pb.EstimateRequest, deadline: float | None, lane: Lane | None = None
+    ) -> "Future[PoolResult]":
         source = convert.image_source(request)
         spec = convert.output_spec(request, self.limits)
-        return self.pool.submit(request.model, source, spec, deadline)
+        latest_wins = lane is not None and request.latest_frame_wins
+        return self.pool.submit(request.model, source, spec, deadline, lane, latest_wins)
 
     def _refuse_if_draining(self) -> None:
         if self.draining.is_set():
             raise Unavailable("the daemon is shutting down; reconnect when it is back")
 
-    async def _read(self, request_iterator: AsyncIterator[pb.EstimateRequest], window: asyncio.Queue) -> None:
+    async def _read(
+        self, request_iterator: AsyncIterator[pb.EstimateRequest], window: asyncio.Queue, lane: Lane
+    ) -> None:
         requests = request_iterator.__aiter__()
         draining = asyncio.ensure_future(self.draining.wait())
+        places = asyncio.Semaphore(self.limits.stream_window)
+        loop = asyncio.get_running_loop()
+        latest_wins = False
         try:
             while True:
+                if not latest_wins:
+                    await places.acquire()
+                place = _Place(places, held=not latest_wins)
                 following = asyncio.ensure_future(requests.__anext__())
                 await asyncio.wait({following, draining}, return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
@@ -163,11 +202,16 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
                 except StopAsyncIteration:
                     await window.put(None)
                     return
+                latest_wins = request.latest_frame_wins
                 try:
-                    pending: Future | DepthdError = self._submit(request, None)
+                    pending: Future | DepthdError = self._submit(request, None, lane)
                 except DepthdError as error:
                     pending = error
-                await window.put((request, pending))
+                else:
+                    pending.add_done_callback(
+                        lambda done, place=place: loop.call_soon_threadsafe(place.free_if_dropped, done)
+                    )
+                await window.put((convert.ids_only(request), pending, place))
         finally:
             draining.cancel()
 

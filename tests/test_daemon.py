@@ -230,10 +230,10 @@ def test_a_cancelled_stream_frees_its_queued_frames(tiny_models):
                 requests = [_raw_request(frame_id=i) for i in range(3)]
                 call = depth_pb2_grpc.DepthEstimatorStub(channel).EstimateStream(iter(requests))
                 assert entered.wait(30)
-                _wait_for(lambda: runner.pending == 2, what="the other frames to queue")
+                _wait_for(lambda: runner.pending == 1, what="the next frame to queue (stream_window=2)")
                 call.cancel()
                 release.set()
-                _wait_for(lambda: runner.pending == 0 and not runner.queue, what="the queue to empty")
+                _wait_for(lambda: runner.pending == 0 and not runner.lanes, what="the queue to empty")
             model.forward = forward
             assert runner.frames_total == 1, "frames of a cancelled stream were computed"
             assert client.estimate(scene(64, 48)).ok

@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="let the daemon skip frames that wait while a newer one arrives")
     outputs(stream)
 
-    commands.add_parser("models", help="the models the daemon serves")
+    models = commands.add_parser("models", help="the models the daemon serves")
+    models.add_argument("--stats", action="store_true",
+                        help="also frames answered and dropped, the queue's peak and the batch-size histogram")
     health = commands.add_parser("health", help="SERVING or NOT_SERVING (exit 0 only when SERVING)")
     health.add_argument("--model", default="", help="one model's health instead of the daemon's")
     health.add_argument("--wait", type=float, metavar="S", help="wait up to S seconds for SERVING")
@@ -128,11 +130,15 @@ def _output_folder(args: argparse.Namespace) -> Path | None:
     return folder
 
 
-def _models(client: DepthClient) -> int:
+def _models(client: DepthClient, stats: bool = False) -> int:
     for m in client.models():
         flags = [f for f, on in (("default", m.is_default), ("ready", m.ready), ("DEMO", m.demo)) if on]
         print(f"{m.name}\t{m.architecture or '-'}\t{m.kind or '-'}\t{m.device or '-'}\t{m.dtype or '-'}\t"
               f"{','.join(flags) or 'loading'}\t{m.source}" + (f"\t{m.note}" if m.note else ""))
+        if stats:
+            batches = " ".join(f"{size}:{count}" for size, count in m.batch_sizes.items()) or "-"
+            print(f"  frames {m.frames_total}, dropped {m.frames_dropped}, queue peak {m.queue_peak}, "
+                  f"batches (size:passes, max {m.max_batch}) {batches}")
     return 0
 
 
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "stream":
                 return _stream(client, args)
             if args.command == "models":
-                return _models(client)
+                return _models(client, args.stats)
             return _health(client, args)
         except DepthdError as error:
             print(f"depthctl: {error}", file=sys.stderr)

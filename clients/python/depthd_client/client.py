@@ -9,7 +9,7 @@ frame that failed comes back as a result with `error` set, and the stream goes o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -98,7 +98,10 @@ class DepthResult:
     field_of_view_deg: float | None = None
     focal_length_px: float | None = None
     dropped: bool = False
+    """A latest_frame_wins stream skipped this frame for a newer one."""
     error: FrameError | None = None
+    stream_dropped: int = 0
+    """Streams: frames of this stream dropped so far, when this result was sent."""
 
     @property
     def ok(self) -> bool:
@@ -124,6 +127,11 @@ class ModelInfo:
     note: str
     frames_total: int
     frames_dropped: int
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    """Forward passes run per batch size since start: {frames in the pass: passes}."""
+    max_batch: int = 0
+    queue_peak: int = 0
+    """The most frames waiting for this model at once since start."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +247,7 @@ class DepthClient:
                 name=m.name, source=m.source, architecture=m.architecture, kind=_KIND_NAMES.get(m.kind, ""),
                 device=m.device, dtype=m.dtype, is_default=m.is_default, ready=m.ready, demo=m.demo,
                 note=m.note, frames_total=m.frames_total, frames_dropped=m.frames_dropped,
+                batch_sizes=dict(sorted(m.batch_sizes.items())), max_batch=m.max_batch, queue_peak=m.queue_peak,
             )
             for m in response.models
         ]
@@ -361,6 +370,7 @@ def to_result(response: pb.EstimateResponse) -> DepthResult:
         focal_length_px=response.focal_length_px or None,
         dropped=response.dropped,
         error=error,
+        stream_dropped=response.stream_dropped,
     )
 
 

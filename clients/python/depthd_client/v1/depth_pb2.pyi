@@ -136,7 +136,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "model", "depth", "visualization_png", "timing", "error", "dropped", "field_of_view_deg", "focal_length_px")
+    __slots__ = ("frame_id", "timestamp_ns", "model", "depth", "visualization_png", "timing", "error", "dropped", "field_of_view_deg", "focal_length_px", "stream_dropped")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class EstimateResponse(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     FIELD_OF_VIEW_DEG_FIELD_NUMBER: _ClassVar[int]
     FOCAL_LENGTH_PX_FIELD_NUMBER: _ClassVar[int]
+    STREAM_DROPPED_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     model: str
@@ -157,14 +158,22 @@ class EstimateResponse(_message.Message):
     dropped: bool
     field_of_view_deg: float
     focal_length_px: float
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., model: _Optional[str] = ..., depth: _Optional[_Union[DepthMap, _Mapping]] = ..., visualization_png: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., dropped: bool = ..., field_of_view_deg: _Optional[float] = ..., focal_length_px: _Optional[float] = ...) -> None: ...
+    stream_dropped: int
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., model: _Optional[str] = ..., depth: _Optional[_Union[DepthMap, _Mapping]] = ..., visualization_png: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., dropped: bool = ..., field_of_view_deg: _Optional[float] = ..., focal_length_px: _Optional[float] = ..., stream_dropped: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped")
+    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped", "batch_sizes", "max_batch", "queue_peak")
+    class BatchSizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +186,9 @@ class ModelInfo(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_PEAK_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     architecture: str
@@ -189,7 +201,10 @@ class ModelInfo(_message.Message):
     note: str
     frames_total: int
     frames_dropped: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ...) -> None: ...
+    batch_sizes: _containers.ScalarMap[int, int]
+    max_batch: int
+    queue_peak: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., max_batch: _Optional[int] = ..., queue_peak: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
