@@ -47,8 +47,8 @@ class ModelSettings:
     """Average with the mirrored frame's map; None: the architecture's default (ZoeDepth: on)."""
     attention: str | None = None
     """"sdpa" or "eager"; None: transformers' default (SDPA where the architecture has it)."""
-    channels_last: bool = False
-    """NHWC input and weights for the convolutions."""
+    channels_last: bool = True
+    """NHWC input and weights for the convolutions (measured faster on CPU: docs/performance.md)."""
     compile: bool = False
     """torch.compile the forward pass (slow first calls; warm-up pays for the warm-up sizes)."""
     cuda_graphs: bool = False
@@ -345,7 +345,7 @@ def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...
                 attention=None if entry.get("attention") is None else check.choice(
                     f"{key}.attention", entry["attention"], ("sdpa", "eager")
                 ),
-                channels_last=check.boolean(f"{key}.channels_last", entry.get("channels_last", False)),
+                channels_last=check.boolean(f"{key}.channels_last", entry.get("channels_last", d.channels_last)),
                 compile=check.boolean(f"{key}.compile", entry.get("compile", False)),
                 cuda_graphs=check.boolean(f"{key}.cuda_graphs", entry.get("cuda_graphs", False)),
                     )

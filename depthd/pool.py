@@ -1,8 +1,8 @@
 """The warm model pool: the only place with threads and queues.
 
 It loads and warms every configured model, then runs one worker per model. A frame
-submitted to the pool is decoded and pre-processed on a decode thread (while the
-model runs the batch before), queued in its stream's lane, and picked up by the
+submitted to the pool is decoded (and, on CUDA, pre-processed) on a decode thread
+while the model runs the batch before, queued in its stream's lane, and picked up by the
 model's batcher, which gathers frames of one processed size, round-robin across
 lanes, up to `max_batch` before a `time.monotonic()` deadline, runs them in one
 forward pass and hands each caller its result through a `concurrent.futures.Future`.
@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from depthd.domain import DepthKind, DepthResult, OutputSpec
+from depthd.domain import DepthKind, DepthResult, Frame, OutputSpec
 from depthd.engine import DEFAULT_WARMUP_SIZES, DepthEngine, EngineOptions, Prepared, set_torch_threads
 from depthd.errors import DeadlineExceeded, DepthdError, NotFound, ResourceExhausted, Unavailable
 from depthd.frames import FrameLimits, ImageSource, decode, encode_png
@@ -101,6 +101,9 @@ class _Request:
     arrived: float
     deadline: float | None
     lane: object
+    frame: Frame | None = None
+    processed: tuple[int, int] | None = None
+    """The size the model sees this frame at: only frames of one size share a batch."""
     prepared: Prepared | None = None
     dropped: bool = False
 
@@ -237,14 +240,14 @@ class _Runner:
         """Up to max_batch ready frames of one processed size: the size of the oldest ready frame,
         then one frame per lane per round, lanes served last going last."""
         oldest = min((queue[0] for queue in self.lanes.values()), key=lambda r: r.arrived)
-        size = oldest.prepared.processed
+        size = oldest.processed
         batch: list[_Request] = []
         taken = True
         while taken and len(batch) < self.max_batch:
             taken = False
             for lane in list(self.lanes):
                 queue = self.lanes[lane]
-                if queue[0].prepared.processed != size:
+                if queue[0].processed != size:
                     continue
                 batch.append(queue.popleft())
                 taken = True
@@ -255,10 +258,19 @@ class _Runner:
                     break
         return batch
 
+    def _prepared(self, batch: list[_Request]) -> list[Prepared]:
+        """The batch's input tensors: made on the decode threads where that overlaps the forward
+        pass (CUDA), or here, where it would only compete with it for the cores (CPU)."""
+        late = [r for r in batch if r.prepared is None]
+        for request, prepared in zip(late, self.engine.prepare([r.frame for r in late])):
+            request.prepared = prepared
+        return [r.prepared for r in batch]
+
     def _process(self, batch: list[_Request]) -> None:
         started = time.monotonic()
         try:
-            results = self.engine.infer([r.prepared for r in batch], [r.spec for r in batch])
+            prepared = self._prepared(batch)
+            results = self.engine.infer(prepared, [r.spec for r in batch])
         except DepthdError as error:
             for request in batch:
                 request.future.set_exception(error)
@@ -396,12 +408,15 @@ class ModelPool:
         return request.future
 
     def _prepare_and_queue(self, runner: _Runner, request: _Request) -> None:
-        """Decode and pre-process on a decode thread, overlapping the model's current forward pass."""
+        """Decode (and on CUDA pre-process) on a decode thread, overlapping the model's current forward pass."""
         if request.dropped or request.future.cancelled():
             runner.abandon(request)
             return
         try:
-            request.prepared = runner.engine.prepare([decode(request.source, self.limits)])[0]
+            request.frame = decode(request.source, self.limits)
+            request.processed = runner.engine.processed_size(request.frame)
+            if runner.engine.prepares_concurrently:
+                request.prepared = runner.engine.prepare([request.frame])[0]
         except Exception as error:
             runner.abandon(request)
             if request.future.set_running_or_notify_cancel():

@@ -87,7 +87,7 @@ def test_speed_knobs_keep_the_numbers(tiny_models, architecture):
     frame = Frame(scene(90, 60))
     source = str(tiny_models[architecture])
     expected = DepthEngine.load("plain", source).estimate([frame], [OutputSpec()])[0].depth
-    for options in (EngineOptions(attention="eager", channels_last=True), EngineOptions(attention="sdpa")):
+    for options in (EngineOptions(attention="eager", channels_last=False), EngineOptions(attention="sdpa")):
         got = DepthEngine.load("tuned", source, options).estimate([frame], [OutputSpec()])[0].depth
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected - expected.mean()) < 1e-4, options
 

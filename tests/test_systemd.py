@@ -227,9 +227,9 @@ def test_install_keeps_an_existing_config_and_uninstall_removes_what_it_wrote(tm
     assert "Type=notify" in unit.read_text() and config.read_text().startswith("# depthd settings")
     assert "systemctl daemon-reload && systemctl enable --now depthd" in capsys.readouterr().out
 
-    config.write_text(config.read_text().replace("max_batch: 4", "max_batch: 2"))
+    config.write_text(config.read_text().replace("max_wait_ms: 2 ", "max_wait_ms: 5 "))
     assert depthd_main(["install-service", "--prefix", str(root)]) == 0
-    assert "max_batch: 2" in config.read_text()
+    assert "max_wait_ms: 5 " in config.read_text()
     assert depthd_main(["uninstall-service", "--prefix", str(root)]) == 0
     assert not unit.exists() and config.exists()
     assert "kept" in capsys.readouterr().out
