@@ -271,14 +271,18 @@ class _Runner:
         try:
             prepared = self._prepared(batch)
             results = self.engine.infer(prepared, [r.spec for r in batch])
-        except DepthdError as error:
-            for request in batch:
-                request.future.set_exception(error)
-            return
-        except Exception as error:  # a bad batch must not take the worker down
-            logger.exception("forward pass failed model=%s batch=%d", self.spec.name, len(batch))
-            for request in batch:
-                request.future.set_exception(error)
+        except Exception as error:
+            if len(batch) > 1:
+                # Frames of other streams shared this pass: run each alone, so only
+                # the frame that fails gets the error.
+                logger.warning("batch failed model=%s batch=%d: retrying its frames one by one (%s)",
+                               self.spec.name, len(batch), error)
+                for request in batch:
+                    self._process([request])
+                return
+            if not isinstance(error, DepthdError):
+                logger.exception("forward pass failed model=%s", self.spec.name)
+            batch[0].future.set_exception(error)
             return
         self.batch_sizes[len(batch)] += 1
         self.frames_total += len(batch)

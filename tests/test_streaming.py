@@ -24,7 +24,8 @@ TIGHT_MAX_QUEUE = 3
 
 
 class Gate:
-    """Wraps a model's forward: while shut, a forward pass waits at the gate."""
+    """Wraps a model's forward: while shut, a forward pass waits at the gate. A pass whose
+    batch holds a flat (single-colour) frame fails while `flat_frames_fail` is set."""
 
     def __init__(self, model):
         self.model = model
@@ -32,13 +33,16 @@ class Gate:
         self.open = threading.Event()
         self.open.set()
         self.entered = threading.Event()
+        self.flat_frames_fail = False
         model.forward = self._forward
 
-    def _forward(self, *args, **kwargs):
+    def _forward(self, pixel_values, **kwargs):
         self.entered.set()
         if not self.open.wait(30):
             raise TimeoutError("the test never opened the gate")
-        return self.forward(*args, **kwargs)
+        if self.flat_frames_fail and pixel_values.flatten(2).std(2).eq(0).all(1).any():
+            raise RuntimeError("a flat frame broke the forward pass")
+        return self.forward(pixel_values=pixel_values, **kwargs)
 
     def shut(self) -> None:
         self.entered.clear()
@@ -118,6 +122,30 @@ def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(da
         alone = client.estimate(frame, model="batched")
         assert alone.timing.batch_size == 1
         np.testing.assert_allclose(batched.depth, alone.depth, rtol=1e-4, atol=1e-6)
+
+
+def test_a_frame_that_breaks_the_forward_pass_fails_alone(daemon, client):
+    gate, runner = daemon.gates["batched"], daemon.daemon.pool._runners["batched"]
+    gate.flat_frames_fail = True
+    gate.shut()
+    try:
+        first, _ = in_thread(lambda: list(client.stream([scene(96, 64, seed=9)], model="batched")))
+        assert gate.entered.wait(30)
+        good_frames = [scene(96, 64, seed=5), scene(96, 64, seed=6)]
+        good, good_box = in_thread(lambda: list(client.stream(good_frames, model="batched")))
+        bad, bad_box = in_thread(lambda: list(client.stream([np.full((64, 96, 3), 128, np.uint8)], model="batched")))
+        wait_for(lambda: runner.ready == 3, "two streams' frames waiting to share a pass")
+        gate.open.set()
+        for thread in (first, good, bad):
+            thread.join(30)
+    finally:
+        gate.flat_frames_fail = False
+        gate.open.set()
+
+    assert [r.ok for r in good_box[0]] == [True, True]
+    [broken] = bad_box[0]
+    assert broken.error.code is grpc.StatusCode.INTERNAL and broken.depth is None
+    assert client.estimate(np.full((64, 96, 3), 128, np.uint8), model="batched").ok
 
 
 def test_latest_frame_wins_drops_the_waiting_frame_counts_it_and_keeps_order(daemon, client):
