@@ -456,13 +456,15 @@ class ModelPool:
         return [name for name, runner in self._runners.items() if runner.heartbeat < oldest]
 
     def close(self, timeout: float | None = None) -> None:
-        """Refuse new frames, let queued ones finish, and stop the workers."""
+        """Refuse new frames, let queued ones finish, and stop the workers, waiting at most
+        `timeout` seconds in all (a worker hung in a forward pass is left behind)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._closed = True
         self._decoder.shutdown(wait=True)
         for runner in self._runners.values():
             runner.close()
         for runner in self._runners.values():
-            runner.thread.join(timeout)
+            runner.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _runner(self, name: str) -> _Runner:
         name = name or self.default

@@ -174,8 +174,10 @@ class DepthDaemon:
             logger.error("loading failed", exc_info=self._failure)
         else:
             logger.info("stopping: answering the frames received, for up to %.1f s", grace)
+        deadline = time.monotonic() + grace
         await self._drain(grace)
-        self.pool.close(grace)
+        # Within the same grace: systemd's TimeoutStopSec is set just above it.
+        self.pool.close(max(0.0, deadline - time.monotonic()))
         if self._watchdog is not None:
             self._watchdog.cancel()
         logger.info("stopped")
