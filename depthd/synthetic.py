@@ -64,6 +64,35 @@ def _dinov2(hidden: int, layers: int, heads: int, out_indices: list[int], image_
     )
 
 
+def _beit(hidden: int, layers: int, heads: int, intermediate: int, out_stages: list[int]):
+    """ZoeDepth's BEiT backbone at 384x384, with relative position bias as in the published checkpoints."""
+    from transformers import BeitConfig
+
+    return BeitConfig(
+        image_size=384,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        use_relative_position_bias=True,
+        reshape_hidden_states=False,
+        out_features=[f"stage{i}" for i in out_stages],
+    )
+
+
+def _zoedepth_processor() -> dict[str, Any]:
+    return _processor(
+        "ZoeDepthImageProcessor",
+        size={"height": 384, "width": 512},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=32,
+        resample=BILINEAR,
+        do_pad=True,
+        image_mean=HALF_MEAN,
+        image_std=HALF_STD,
+    )
+
+
 # --- tiny checkpoints: one per supported architecture -------------------------------------
 
 
@@ -201,18 +230,9 @@ def _tiny_dpt_hybrid():
 
 
 def _tiny_zoedepth():
-    from transformers import BeitConfig, ZoeDepthConfig, ZoeDepthForDepthEstimation
+    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation
 
-    backbone = BeitConfig(
-        image_size=384,
-        num_hidden_layers=4,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        use_relative_position_bias=True,
-        reshape_hidden_states=False,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
+    backbone = _beit(hidden=32, layers=4, heads=2, intermediate=64, out_stages=[1, 2, 3, 4])
     config = ZoeDepthConfig(
         backbone_config=backbone,
         neck_hidden_sizes=[16, 24, 32, 32],
@@ -227,17 +247,7 @@ def _tiny_zoedepth():
         # With the default 0.02 the random metric head saturates to a constant map.
         initializer_range=0.2,
     )
-    processor = _processor(
-        "ZoeDepthImageProcessor",
-        size={"height": 384, "width": 512},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=32,
-        resample=BILINEAR,
-        do_pad=True,
-        image_mean=HALF_MEAN,
-        image_std=HALF_STD,
-    )
-    return ZoeDepthForDepthEstimation(config), processor
+    return ZoeDepthForDepthEstimation(config), _zoedepth_processor()
 
 
 def _tiny_glpn():
@@ -338,18 +348,9 @@ def _dpt_large():
 
 
 def _zoedepth_nyu_kitti():
-    from transformers import BeitConfig, ZoeDepthConfig, ZoeDepthForDepthEstimation
+    from transformers import ZoeDepthConfig, ZoeDepthForDepthEstimation
 
-    backbone = BeitConfig(
-        image_size=384,
-        num_hidden_layers=24,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_attention_heads=16,
-        use_relative_position_bias=True,
-        reshape_hidden_states=False,
-        out_features=["stage6", "stage12", "stage18", "stage24"],
-    )
+    backbone = _beit(hidden=1024, layers=24, heads=16, intermediate=4096, out_stages=[6, 12, 18, 24])
     config = ZoeDepthConfig(
         backbone_config=backbone,
         neck_hidden_sizes=[256, 512, 1024, 1024],
@@ -363,17 +364,7 @@ def _zoedepth_nyu_kitti():
         patch_transformer_intermediate_size=1024,
         patch_transformer_num_attention_heads=4,
     )
-    processor = _processor(
-        "ZoeDepthImageProcessor",
-        size={"height": 384, "width": 512},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=32,
-        resample=BILINEAR,
-        do_pad=True,
-        image_mean=HALF_MEAN,
-        image_std=HALF_STD,
-    )
-    return ZoeDepthForDepthEstimation(config), processor
+    return ZoeDepthForDepthEstimation(config), _zoedepth_processor()
 
 
 REAL: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
