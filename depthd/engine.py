@@ -149,6 +149,10 @@ class DepthEngine:
         return self.checkpoint.name
 
     @property
+    def compiled(self) -> bool:
+        return self.options.compile or self.options.cuda_graphs
+
+    @property
     def prepares_concurrently(self) -> bool:
         """Whether pre-processing should overlap the forward pass. On CPU it would share the
         cores with it: measured, a forward pass ran 6% slower with the next frames pre-processed

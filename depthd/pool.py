@@ -338,8 +338,11 @@ class ModelPool:
             if progress:
                 progress(spec.name, position, total)
             engine = DepthEngine.load(spec.name, spec.source, spec.options)
-            engine.warmup(spec.warmup_sizes)
             runner = _Runner(spec, engine, self.heartbeat_s)
+            # A compiled model compiles again for every new input shape, the batch size
+            # included: warm each batch size it may see, not only single frames.
+            for batch in range(1, runner.max_batch + 1) if engine.compiled else (1,):
+                engine.warmup(spec.warmup_sizes, batch)
             runner.thread.start()
             self._runners[spec.name] = runner
             if spec.demo:

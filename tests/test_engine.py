@@ -226,6 +226,18 @@ def test_pool_warms_every_configured_size_before_it_is_ready(tiny_models, caplog
         pool.engine("nope")
 
 
+def test_a_compiled_model_is_warmed_at_every_batch_size_it_may_run(tiny_models, monkeypatch):
+    warmed = []
+    monkeypatch.setattr(DepthEngine, "warmup", lambda self, sizes, batch=1: warmed.append((sizes, batch)))
+    sizes = ((48, 64),)
+    compiled = ModelSpec("compiled", str(tiny_models["glpn"]), EngineOptions(compile=True), sizes, max_batch=3)
+    plain = ModelSpec("plain", str(tiny_models["glpn"]), EngineOptions(), sizes, max_batch=3)
+    pool = ModelPool([compiled, plain])
+    pool.load()
+    pool.close()
+    assert warmed == [(sizes, 1), (sizes, 2), (sizes, 3), (sizes, 1)]
+
+
 def test_a_hub_id_loads_offline_from_a_prefilled_cache(tiny_models, tmp_path):
     """HF_HUB_OFFLINE=1 and a cache laid out as huggingface_hub lays it out: the hub id resolves with no network."""
     import os
