@@ -8,6 +8,7 @@ decides what goes into a batch and when.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import warnings
@@ -57,11 +58,17 @@ class EngineOptions:
     """Run the forward pass through `torch.compile`: slower warm-up, a new compile per input shape."""
     cuda_graphs: bool = False
     """CUDA only: compile with CUDA graphs ("reduce-overhead"), replayed for the warm-up sizes."""
+    max_processed_side: int | None = None
+    """Longest processed side; larger frames are scaled down within it. None: twice the checkpoint's size."""
 
 
 def set_torch_threads(count: int) -> None:
     """Threads for torch's CPU kernels, for the whole process."""
     torch.set_num_threads(count)
+
+
+def cpu_threads() -> int:
+    return torch.get_num_threads()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -140,6 +147,8 @@ class DepthEngine:
         except InvalidArgument as error:
             raise ModelLoadError(name, source, str(error)) from error
         checkpoint = load_checkpoint(name, source, str(device), dtype, options.attention)
+        if options.max_processed_side is not None:
+            checkpoint.preprocessing = dataclasses.replace(checkpoint.preprocessing, max_side=options.max_processed_side)
         if options.channels_last:
             checkpoint.model.to(memory_format=torch.channels_last)
         return cls(checkpoint, device, dtype, options)
@@ -159,9 +168,18 @@ class DepthEngine:
         beside it, more than the 15 ms the pre-processing itself takes (docs/performance.md)."""
         return self.device.type != "cpu"
 
-    def processed_size(self, frame: Frame) -> tuple[int, int]:
-        """The (height, width) the model sees `frame` at."""
-        return self.checkpoint.preprocessing.plan(frame.height, frame.width).processed
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the model sees a frame of this size at."""
+        return self.checkpoint.preprocessing.plan(height, width).processed
+
+    @property
+    def max_processed_side(self) -> int:
+        return self.checkpoint.preprocessing.largest_side
+
+    def input_bytes(self, height: int, width: int) -> int:
+        """What one frame's input tensor takes on the device."""
+        processed = self.processed_size(height, width)
+        return 3 * processed[0] * processed[1] * self.dtype.itemsize
 
     @property
     def default_max_batch(self) -> int:
@@ -272,7 +290,7 @@ class DepthEngine:
                 item = prepared[index]
                 by_output[(item.plan, specs[index].size_for(*item.input_size))].append(position)
             for (plan, out_size), positions in by_output.items():
-                depth = to_output_size(recipe, predicted[positions], plan, plan.processed, out_size)
+                depth = to_output_size(recipe, predicted[positions], plan, out_size)
                 if recipe == "depth_pro":
                     depth = invert_depth_pro(depth)
                 for row, position in enumerate(positions):

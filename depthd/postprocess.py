@@ -21,16 +21,12 @@ def average_flipped(predicted: torch.Tensor) -> torch.Tensor:
     return (predicted[:half] + predicted[half:].flip(-1)) / 2
 
 
-def to_output_size(
-    recipe: str, predicted: torch.Tensor, plan: Plan, processed: tuple[int, int], out_size: tuple[int, int]
-) -> torch.Tensor:
+def to_output_size(recipe: str, predicted: torch.Tensor, plan: Plan, out_size: tuple[int, int]) -> torch.Tensor:
     """float32 (B, h, w) raw maps of frames sharing `plan` -> (B, H, W) at `out_size`."""
-    x = predicted.float().unsqueeze(1)
+    x = _crop(predicted.float().unsqueeze(1), plan.pad, plan.processed)
     if recipe == "zoedepth":
         return _zoedepth(x, plan, out_size).squeeze(1)
     mode = "bilinear" if recipe == "depth_pro" else "bicubic"
-    if recipe == "dpt":
-        x = _crop_padding(x, plan.padding, processed)
     if tuple(x.shape[-2:]) != tuple(out_size):
         x = F.interpolate(x, size=out_size, mode=mode, align_corners=False)
     return x.squeeze(1)
@@ -56,7 +52,7 @@ def focal_length_px(field_of_view_deg: float, width: int) -> float:
 
 def _zoedepth(x: torch.Tensor, plan: Plan, out_size: tuple[int, int]) -> torch.Tensor:
     """Resize to the padded input size, cut the reflection padding off, then resize to the output."""
-    top, bottom, left, right = plan.padding
+    top, bottom, left, right = plan.reflect
     height, width = plan.input_size
     x = F.interpolate(x, size=(height + top + bottom, width + left + right), mode="bicubic", align_corners=False)
     x = x[..., top : top + height, left : left + width]
@@ -65,8 +61,8 @@ def _zoedepth(x: torch.Tensor, plan: Plan, out_size: tuple[int, int]) -> torch.T
     return x
 
 
-def _crop_padding(x: torch.Tensor, padding: tuple[int, int, int, int], processed: tuple[int, int]) -> torch.Tensor:
-    """Remove the DPT processor's centre padding, scaled to the map's resolution."""
+def _crop(x: torch.Tensor, padding: tuple[int, int, int, int], processed: tuple[int, int]) -> torch.Tensor:
+    """Remove the zero padding added after the resize, scaled to the map's resolution."""
     top, bottom, left, right = padding
     if not (top or bottom or left or right):
         return x

@@ -24,23 +24,34 @@ from depthd.domain import PixelFormat
 _PIL_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 _APPROXIMATED = {1: "LANCZOS", 4: "BOX", 5: "HAMMING"}
 
+DEFAULT_CAP_FACTOR = 2
+"""Unless a model's `max_processed_side` says otherwise, frames are processed at most at twice
+the long side of the checkpoint's own size (1036 for Depth Anything's 518)."""
+GLPN_NATIVE_SIDE = 640
+"""GLPN's processor has no size (it only rounds to 32): its checkpoints are trained on 640x480 (NYU)."""
+
 
 @dataclass(frozen=True)
 class Plan:
-    """How one input size is processed: every frame with the same plan can share a tensor."""
+    """How one input size is processed: every frame with the same plan can share a tensor.
+
+    The model sees the frame, mirrored outward by `reflect` (input pixels, ZoeDepth),
+    resized to `resized`, then zero-padded by `pad` (the DPT family's size divisor, and
+    the padding that keeps a very long, thin frame's aspect ratio within the size cap).
+    Post-processing undoes the same steps in reverse.
+    """
 
     input_size: tuple[int, int]
     resized: tuple[int, int]
-    padding: tuple[int, int, int, int]
-    """(top, bottom, left, right) added before (ZoeDepth) or after (DPT family) the resize."""
-    pads_before_resize: bool = False
+    reflect: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(top, bottom, left, right) mirrored before the resize."""
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(top, bottom, left, right) zeros added after the resize and normalisation."""
 
     @property
     def processed(self) -> tuple[int, int]:
         """The (height, width) of the tensor the model sees."""
-        if self.pads_before_resize:
-            return self.resized
-        top, bottom, left, right = self.padding
+        top, bottom, left, right = self.pad
         return self.resized[0] + top + bottom, self.resized[1] + left + right
 
 
@@ -61,6 +72,8 @@ class Preprocessing:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     do_pad: bool
+    max_side: int | None = None
+    """The cap on the longest processed side; None: DEFAULT_CAP_FACTOR times `native_side`."""
 
     @classmethod
     def from_config(cls, recipe: str, saved: dict[str, Any], defaults: dict[str, Any]) -> "Preprocessing":
@@ -102,23 +115,66 @@ class Preprocessing:
 
     # --- sizes -------------------------------------------------------------------------
 
+    @property
+    def native_side(self) -> int:
+        """The long side of the size the checkpoint was made for; the size cap is a multiple of it."""
+        if self.size is not None:
+            return max(self.size)
+        return GLPN_NATIVE_SIDE
+
+    @property
+    def multiple(self) -> int:
+        """What every processed side must be a multiple of (a patch, or the network's stride)."""
+        if self.recipe == "glpn":
+            return int(self.size_divisor or 32)
+        return max(1, int(round(self.ensure_multiple_of)))
+
+    @property
+    def largest_side(self) -> int:
+        """The longest processed side this model runs at: larger frames are scaled down within it."""
+        return self.max_side or DEFAULT_CAP_FACTOR * self.native_side
+
     def plan(self, height: int, width: int) -> Plan:
+        if self.recipe == "depth_pro":
+            return Plan((height, width), self.size if self.do_resize else (height, width))
         if self.recipe == "zoedepth":
             pad_h, pad_w = zoedepth_padding(height, width) if self.do_pad else (0, 0)
+            reflect = (pad_h, pad_h, pad_w, pad_w)
             padded = (height + 2 * pad_h, width + 2 * pad_w)
-            resized = self._fit(*padded) if self.do_resize else padded
-            return Plan((height, width), resized, (pad_h, pad_h, pad_w, pad_w), pads_before_resize=True)
+            natural = self._fit(*padded) if self.do_resize else padded
+            return self._bounded(Plan((height, width), natural, reflect=reflect), padded)
         if self.recipe == "glpn":
-            divisor = int(self.size_divisor or 32)
-            resized = (max(divisor, height // divisor * divisor), max(divisor, width // divisor * divisor))
-            return Plan((height, width), resized if self.do_resize else (height, width), (0, 0, 0, 0))
-        if self.recipe == "depth_pro":
-            return Plan((height, width), self.size if self.do_resize else (height, width), (0, 0, 0, 0))
-        resized = self._fit(height, width) if self.do_resize else (height, width)
-        padding = (0, 0, 0, 0)
+            divisor = self.multiple
+            natural = (max(divisor, height // divisor * divisor), max(divisor, width // divisor * divisor))
+            return self._bounded(Plan((height, width), natural if self.do_resize else (height, width)), (height, width))
+        natural = self._fit(height, width) if self.do_resize else (height, width)
+        plan = self._bounded(Plan((height, width), natural), (height, width))
         if self.do_pad and self.size_divisor:
-            padding = (*_centre_pad(resized[0], self.size_divisor), *_centre_pad(resized[1], self.size_divisor))
-        return Plan((height, width), resized, padding)
+            target = tuple(math.ceil(side / self.size_divisor) * self.size_divisor for side in plan.processed)
+            plan = _padded_to(plan, target)
+        return plan
+
+    def _bounded(self, natural: Plan, source: tuple[int, int]) -> Plan:
+        """`natural` (what transformers would do) kept when it is within the size cap; otherwise the
+        frame scaled, keeping its aspect ratio, so that its long side fits the cap, each side rounded
+        down to the multiple; a short side that would round to nothing is zero-padded up to one multiple.
+
+        `source` is the (height, width) the resize starts from. This bounds the cost of a frame:
+        with keep-aspect resizing a 518x6000 frame would otherwise give 15 000 tokens instead of 1 800.
+        """
+        multiple, cap = self.multiple, self.largest_side
+        if max(natural.resized) <= cap and min(natural.resized) >= multiple:
+            return natural
+        longest = max(multiple, min(max(natural.resized), cap) // multiple * multiple)
+        scale = longest / max(source)
+        content, target = [], []
+        for side in source:
+            exact = side * scale
+            rounded = int(exact // multiple * multiple)
+            content.append(rounded if rounded >= multiple else max(1, round(exact)))
+            target.append(max(rounded, multiple))
+        plan = Plan(natural.input_size, (content[0], content[1]), reflect=natural.reflect)
+        return _padded_to(plan, (target[0], target[1]))
 
     def _fit(self, height: int, width: int) -> tuple[int, int]:
         """transformers' DPT/ZoeDepth output size: scale to `size`, keeping the aspect ratio
@@ -141,22 +197,21 @@ class Preprocessing:
         x = images.float()
         if self.recipe == "zoedepth":
             x = self._rescale(x)
-            top, bottom, left, right = plan.padding
-            if top or left:
+            top, bottom, left, right = plan.reflect
+            if top or bottom or left or right:
                 x = F.pad(x, (left, right, top, bottom), mode="reflect")
-            if self.do_resize:
+            if tuple(x.shape[-2:]) != plan.resized:
                 mode = _PIL_MODES[self.resample]
                 x = F.interpolate(x, size=plan.resized, mode=mode, align_corners=True)
-            return self._normalize(x).to(dtype)
-        if self.recipe == "depth_pro":
+            x = self._normalize(x)
+        elif self.recipe == "depth_pro":
             x = self._normalize(self._rescale(x))
-            if self.do_resize and tuple(x.shape[-2:]) != plan.resized:
+            if tuple(x.shape[-2:]) != plan.resized:
                 x = F.interpolate(x, size=plan.resized, mode=_torch_mode(self.resample), align_corners=False)
-            return x.to(dtype)
-        if self.do_resize:
+        else:
             x = pil_resize(x, plan.resized, self.resample)
-        x = self._normalize(self._rescale(x))
-        top, bottom, left, right = plan.padding
+            x = self._normalize(self._rescale(x))
+        top, bottom, left, right = plan.pad
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom), value=0.0)
         return x.to(dtype)
@@ -203,9 +258,12 @@ def _torch_mode(resample: int) -> str:
     return _PIL_MODES.get(resample, "bicubic")
 
 
-def _centre_pad(side: int, divisor: int) -> tuple[int, int]:
-    total = math.ceil(side / divisor) * divisor - side
-    return total // 2, total - total // 2
+def _padded_to(plan: Plan, target: tuple[int, int]) -> Plan:
+    """`plan` with its zero padding grown, centred, so that the processed size is `target`."""
+    (height, width), (top, bottom, left, right) = plan.processed, plan.pad
+    extra_h, extra_w = max(0, target[0] - height), max(0, target[1] - width)
+    pad = (top + extra_h // 2, bottom + extra_h - extra_h // 2, left + extra_w // 2, right + extra_w - extra_w // 2)
+    return Plan(plan.input_size, plan.resized, plan.reflect, pad)
 
 
 def _triple(value: Any) -> list[float]:
