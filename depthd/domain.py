@@ -82,6 +82,13 @@ class Frame:
         return int(self.pixels.shape[1])
 
 
+BYTES_PER_VALUE = {DepthEncoding.FLOAT32: 4, DepthEncoding.FLOAT16: 2, DepthEncoding.UINT16_MM: 2}
+PNG_FRAMING = 1024
+"""PNG signature, chunk headers and zlib's own framing, generously."""
+REPLY_FRAMING = 1024
+"""The reply's other fields: ids, timing, the map's header."""
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     """What the caller wants back for one frame.
@@ -105,6 +112,16 @@ class OutputSpec:
         if self.height:
             return self.height, max(1, round(width * self.height / height))
         return height, width
+
+    def reply_bytes(self, height: int, width: int) -> int:
+        """An upper bound on the reply for a map of this size: the map, and the visualization PNG
+        at its largest (stored, not compressed: PNG adds a filter byte a row and a little framing)."""
+        size = height * width * BYTES_PER_VALUE[self.encoding]
+        if self.visualization:
+            channels = 1 if (self.colormap or "gray") == "gray" else 3
+            raw = height * (width * channels + 1)
+            size += raw + raw // 16_000 * 5 + PNG_FRAMING
+        return size + REPLY_FRAMING
 
 
 @dataclass(frozen=True)

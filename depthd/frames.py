@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from depthd.domain import Frame, PixelFormat
-from depthd.errors import InvalidArgument, ResourceExhausted
+from depthd.errors import DepthdError, InvalidArgument, ResourceExhausted
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 """What Pillow may open: no other decoder is exposed to the network."""
@@ -41,26 +42,26 @@ class Raw:
 ImageSource = Encoded | Raw
 
 
-@dataclass(frozen=True)
-class FrameLimits:
-    max_input_pixels: int = 40_000_000
-    """Largest frame accepted, in pixels (width x height); an 8K frame is 33 million."""
+Admit = Callable[[int, int, int], None]
+"""Called with (width, height, bytes the decoded pixels will take) once the header is read and
+before any pixel is decoded: it raises to refuse the frame (an output or memory limit)."""
 
 
-def decode(source: ImageSource, limits: FrameLimits = FrameLimits()) -> Frame:
+def decode(source: ImageSource, max_input_pixels: int, admit: Admit | None = None) -> Frame:
+    """The frame's pixels, or a DepthdError saying why not: every decoder failure is the request's fault."""
     if isinstance(source, Raw):
-        return _wrap(source, limits)
-    return _decode(source.data, limits)
+        return _wrap(source, max_input_pixels, admit)
+    return _decode(source.data, max_input_pixels, admit)
 
 
-def _wrap(raw: Raw, limits: FrameLimits) -> Frame:
+def _wrap(raw: Raw, max_input_pixels: int, admit: Admit | None) -> Frame:
     if raw.pixel_format is None:
         raise InvalidArgument(
             "image.raw.format: must be set to one of " + ", ".join(f"PIXEL_FORMAT_{f.name}" for f in PixelFormat)
         )
     if raw.width <= 0 or raw.height <= 0:
         raise InvalidArgument(f"image.raw: width and height must be positive, got {raw.width}x{raw.height}")
-    _check_pixels(raw.width, raw.height, limits, "image.raw")
+    _check_pixels(raw.width, raw.height, max_input_pixels, "image.raw")
     channels = raw.pixel_format.channels
     expected = raw.width * raw.height * channels
     if len(raw.data) != expected:
@@ -68,13 +69,15 @@ def _wrap(raw: Raw, limits: FrameLimits) -> Frame:
             f"image.raw.data: {len(raw.data)} bytes, but {raw.width}x{raw.height} {raw.pixel_format.name} "
             f"needs width x height x {channels} = {expected}"
         )
+    if admit is not None:
+        admit(raw.width, raw.height, 0)  # the pixels are the request's own bytes, wrapped
     shape = (raw.height, raw.width) if channels == 1 else (raw.height, raw.width, channels)
     pixels = np.frombuffer(raw.data, dtype=np.uint8).reshape(shape)
     return Frame(pixels, raw.pixel_format)
 
 
-def _decode(data: bytes, limits: FrameLimits) -> Frame:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _decode(data: bytes, max_input_pixels: int, admit: Admit | None) -> Frame:
+    from PIL import Image, ImageOps
 
     if not data:
         raise InvalidArgument("image.encoded: empty")
@@ -82,15 +85,16 @@ def _decode(data: bytes, limits: FrameLimits) -> Frame:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError) as error:
-        if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise ResourceExhausted(
-                f"image.encoded: over the limit of {limits.max_input_pixels} pixels ({error})"
-            ) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ResourceExhausted(f"image.encoded: over the limit of {max_input_pixels} pixels ({error})") from error
+    except Exception as error:  # noqa: BLE001 - Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
         raise InvalidArgument(
-            "image.encoded: not a JPEG, PNG, WebP, BMP or TIFF image Pillow can read"
+            f"image.encoded: not a JPEG, PNG, WebP, BMP or TIFF image Pillow can read ({_reason(error)})"
         ) from error
-    _check_pixels(image.width, image.height, limits, "image.encoded")
+    _check_pixels(image.width, image.height, max_input_pixels, "image.encoded")
+    if admit is not None:
+        # the decoded frame, and a converted copy while it is made (a palette, a 16-bit image)
+        admit(image.width, image.height, image.width * image.height * 4)
     try:
         image = ImageOps.exif_transpose(image)
         if image.mode == "L":
@@ -98,14 +102,24 @@ def _decode(data: bytes, limits: FrameLimits) -> Frame:
         if image.mode == "RGBA":
             return Frame(np.asarray(image), PixelFormat.RGBA8)
         return Frame(np.asarray(image.convert("RGB")), PixelFormat.RGB8)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise InvalidArgument(f"image.encoded: the {image.format} data is damaged ({error})") from error
+    except DepthdError:
+        raise
+    except MemoryError as error:
+        raise ResourceExhausted(f"image.encoded: not enough memory to decode a {image.width}x{image.height} image") from error
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in as many ways as Pillow has decoders
+        raise InvalidArgument(f"image.encoded: the {image.format} data is damaged ({_reason(error)})") from error
 
 
-def _check_pixels(width: int, height: int, limits: FrameLimits, field: str) -> None:
-    if width * height > limits.max_input_pixels:
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_pixels(width: int, height: int, max_input_pixels: int, field: str) -> None:
+    if width * height > max_input_pixels:
         raise ResourceExhausted(
-            f"{field}: {width}x{height} is {width * height} pixels, over the limit of {limits.max_input_pixels}"
+            f"{field}: {width}x{height} is {width * height} pixels, over the limit of {max_input_pixels}"
+            " (limits.max_input_pixels)"
         )
 
 
