@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from depthd_client import MAX_MESSAGE_BYTES_CEILING
+
+MIB = 1024 * 1024
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEMO_MODEL = "demo"
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -43,6 +46,12 @@ class ModelSettings:
     """Longest a frame waits for others to share its forward pass."""
     max_queue: int = 64
     """Most frames waiting for this model; more are refused with RESOURCE_EXHAUSTED."""
+    max_queue_bytes: int = 512 * MIB
+    """Bytes this model's frames may hold in the daemon: request bytes, decoded pixels and
+    input tensors waiting, and replies not yet sent; more are refused with RESOURCE_EXHAUSTED."""
+    max_processed_side: int | None = None
+    """Longest side a frame is processed at; larger ones are scaled down within it, keeping their
+    aspect ratio. None: twice the checkpoint's own size (1036 for Depth Anything's 518)."""
     flip_augmentation: bool | None = None
     """Average with the mirrored frame's map; None: the architecture's default (ZoeDepth: on)."""
     attention: str | None = None
@@ -59,14 +68,24 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class Limits:
-    max_message_bytes: int = 64 * 1024 * 1024
-    """Largest request accepted (a raw 4K RGB frame is 25 MB); larger ones get RESOURCE_EXHAUSTED."""
+    max_message_bytes: int = 64 * MIB
+    """Largest request accepted (a raw 4K RGB frame is 25 MB) and largest reply sent (map, points and
+    visualization together, checked before any work); larger ones get RESOURCE_EXHAUSTED."""
     max_input_pixels: int = 40_000_000
     """Largest frame, width x height, checked from the image header before decoding."""
     max_output_side: int = 8192
-    """Largest width or height a client may ask the depth map to have."""
+    """Largest width or height of a depth map, asked for or derived from the input's size."""
     stream_window: int = 4
     """Frames of one stream accepted ahead of their responses; beyond it the stream is not read."""
+    max_pending_bytes: int = 1024 * MIB
+    """Bytes all models' frames may hold in the daemon together (see ModelSettings.max_queue_bytes)."""
+    transport_window_bytes: int = 64 * 1024
+    """HTTP/2 flow-control window of each stream, fixed: what a sender can push beyond the frames
+    the daemon has accepted. gRPC would otherwise grow it (BDP probing) to megabytes."""
+    max_concurrent_rpcs: int = 256
+    """Calls in progress at once, streams included; more get RESOURCE_EXHAUSTED."""
+    max_connection_idle_s: float = 300.0
+    """A connection with no call for this long is closed (clients reconnect transparently)."""
 
 
 @dataclass(frozen=True)
@@ -305,10 +324,25 @@ def _limits(check: _Checker, given: Any) -> Limits:
     check.known_keys("limits.", given, {f.name for f in fields(Limits)})
     d = Limits()
     return Limits(
-        max_message_bytes=check.integer("limits.max_message_bytes", given.get("max_message_bytes", d.max_message_bytes), 1024, 2**31 - 1),
+        max_message_bytes=check.integer(
+            "limits.max_message_bytes", given.get("max_message_bytes", d.max_message_bytes), 1024, MAX_MESSAGE_BYTES_CEILING
+        ),
         max_input_pixels=check.integer("limits.max_input_pixels", given.get("max_input_pixels", d.max_input_pixels), 256, 10**9),
         max_output_side=check.integer("limits.max_output_side", given.get("max_output_side", d.max_output_side), 16, 65535),
         stream_window=check.integer("limits.stream_window", given.get("stream_window", d.stream_window), 1, 256),
+        max_pending_bytes=check.integer(
+            "limits.max_pending_bytes", given.get("max_pending_bytes", d.max_pending_bytes), MIB, 2**48
+        ),
+        transport_window_bytes=check.integer(
+            "limits.transport_window_bytes", given.get("transport_window_bytes", d.transport_window_bytes),
+            16 * 1024, 64 * MIB,
+        ),
+        max_concurrent_rpcs=check.integer(
+            "limits.max_concurrent_rpcs", given.get("max_concurrent_rpcs", d.max_concurrent_rpcs), 1, 100_000
+        ),
+        max_connection_idle_s=check.number(
+            "limits.max_connection_idle_s", given.get("max_connection_idle_s", d.max_connection_idle_s), 1, 86400
+        ),
     )
 
 
@@ -341,6 +375,12 @@ def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...
                 ),
                 max_wait_ms=check.number(f"{key}.max_wait_ms", entry.get("max_wait_ms", d.max_wait_ms), 0, 1000),
                 max_queue=check.integer(f"{key}.max_queue", entry.get("max_queue", d.max_queue), 1, 100_000),
+                max_queue_bytes=check.integer(
+                    f"{key}.max_queue_bytes", entry.get("max_queue_bytes", d.max_queue_bytes), MIB, 2**48
+                ),
+                max_processed_side=None if entry.get("max_processed_side") is None else check.integer(
+                    f"{key}.max_processed_side", entry["max_processed_side"], 32, 16384
+                ),
                 flip_augmentation=None if flip is None else check.boolean(f"{key}.flip_augmentation", flip),
                 attention=None if entry.get("attention") is None else check.choice(
                     f"{key}.attention", entry["attention"], ("sdpa", "eager")
@@ -348,7 +388,7 @@ def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...
                 channels_last=check.boolean(f"{key}.channels_last", entry.get("channels_last", d.channels_last)),
                 compile=check.boolean(f"{key}.compile", entry.get("compile", False)),
                 cuda_graphs=check.boolean(f"{key}.cuda_graphs", entry.get("cuda_graphs", False)),
-                    )
+            )
         )
     names = [m.name for m in models]
     if demo and DEMO_MODEL in names:

@@ -109,12 +109,12 @@ def ids_only(request: pb.EstimateRequest) -> pb.EstimateRequest:
     return pb.EstimateRequest(model=request.model, frame_id=request.frame_id, timestamp_ns=request.timestamp_ns)
 
 
-def error_response(request: pb.EstimateRequest, code: int, message: str) -> pb.EstimateResponse:
-    """The response for a stream's frame that failed: ids echoed, no depth, the status in `error`."""
+def error_response(request: pb.EstimateRequest, model: str, code: int, message: str) -> pb.EstimateResponse:
+    """The response for a stream's frame that failed: ids and the model's name, no depth, the status in `error`."""
     return pb.EstimateResponse(
         frame_id=request.frame_id,
         timestamp_ns=request.timestamp_ns,
-        model=request.model,
+        model=model,
         error=pb.Error(code=code, message=message),
     )
 
@@ -137,4 +137,9 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         batch_sizes=status.batch_sizes,
         max_batch=status.max_batch,
         queue_peak=status.queue_peak,
+        max_processed_side=status.max_processed_side,
+        max_queue_bytes=status.max_queue_bytes,
+        bytes_held=status.bytes_held,
+        bytes_peak=status.bytes_peak,
+        queue_depth=status.queue_depth,
     )

@@ -4,6 +4,7 @@ It needs grpcio, protobuf and numpy only; never torch or transformers.
 """
 
 from depthd_client.client import (
+    MAX_MESSAGE_BYTES_CEILING,
     DepthClient,
     DepthdError,
     DepthResult,
@@ -15,4 +16,4 @@ from depthd_client.client import (
 
 __version__ = "0.1.0"
 
-__all__ = ["DepthClient", "DepthdError", "DepthResult", "FrameError", "ModelInfo", "StreamFrame", "Timing"]
+__all__ = ["MAX_MESSAGE_BYTES_CEILING", "DepthClient", "DepthdError", "DepthResult", "FrameError", "ModelInfo", "StreamFrame", "Timing"]

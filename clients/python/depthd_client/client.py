@@ -20,7 +20,10 @@ from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES_CEILING = 2**31 - 1
+"""The largest message gRPC can carry, and so the most a daemon's limits.max_message_bytes can be set
+to. The client receives up to it, so that whatever the daemon is allowed to send, the client takes:
+the daemon checks each reply against its own limit before any work."""
 
 _ENCODINGS = {
     "float32": pb.DEPTH_ENCODING_FLOAT32,
@@ -132,6 +135,14 @@ class ModelInfo:
     max_batch: int = 0
     queue_peak: int = 0
     """The most frames waiting for this model at once since start."""
+    max_processed_side: int = 0
+    """Frames are processed at most this large (long side, pixels); larger ones are scaled down."""
+    max_queue_bytes: int = 0
+    bytes_held: int = 0
+    """Bytes this model's frames and unsent replies hold in the daemon now, against max_queue_bytes."""
+    bytes_peak: int = 0
+    queue_depth: int = 0
+    """Frames waiting for the model now."""
 
 
 @dataclass(frozen=True)
@@ -153,8 +164,8 @@ class DepthClient:
         self._channel = channel or grpc.insecure_channel(
             target,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES_CEILING),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES_CEILING),
             ],
         )
         self._stub = depth_pb2_grpc.DepthEstimatorStub(self._channel)
@@ -248,6 +259,8 @@ class DepthClient:
                 device=m.device, dtype=m.dtype, is_default=m.is_default, ready=m.ready, demo=m.demo,
                 note=m.note, frames_total=m.frames_total, frames_dropped=m.frames_dropped,
                 batch_sizes=dict(sorted(m.batch_sizes.items())), max_batch=m.max_batch, queue_peak=m.queue_peak,
+                max_processed_side=m.max_processed_side, max_queue_bytes=m.max_queue_bytes,
+                bytes_held=m.bytes_held, bytes_peak=m.bytes_peak, queue_depth=m.queue_depth,
             )
             for m in response.models
         ]

@@ -166,7 +166,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped", "batch_sizes", "max_batch", "queue_peak")
+    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped", "batch_sizes", "max_batch", "queue_peak", "max_processed_side", "max_queue_bytes", "bytes_held", "bytes_peak", "queue_depth")
     class BatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,11 @@ class ModelInfo(_message.Message):
     BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_PEAK_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROCESSED_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PEAK_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     architecture: str
@@ -204,10 +209,17 @@ class ModelInfo(_message.Message):
     batch_sizes: _containers.ScalarMap[int, int]
     max_batch: int
     queue_peak: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., max_batch: _Optional[int] = ..., queue_peak: _Optional[int] = ...) -> None: ...
+    max_processed_side: int
+    max_queue_bytes: int
+    bytes_held: int
+    bytes_peak: int
+    queue_depth: int
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., max_batch: _Optional[int] = ..., queue_peak: _Optional[int] = ..., max_processed_side: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., bytes_held: _Optional[int] = ..., bytes_peak: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "max_message_bytes")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

@@ -66,8 +66,9 @@ class DepthEstimatorServicer(object):
     def EstimateStream(self, request_iterator, context):
         """A camera stream: exactly one response per request, in order, with frame_id and
         timestamp_ns echoed. A frame that fails gets a response with `error` set and
-        the stream goes on. The server reads no faster than the model answers (flow
-        control), unless the frames ask for latest_frame_wins.
+        the stream goes on. The server reads no faster than the model answers: past the
+        daemon's stream window (limits.stream_window frames) HTTP/2 flow control holds the
+        sender, unless the frames ask for latest_frame_wins.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
