@@ -1,8 +1,9 @@
 """The depthd.v1.DepthEstimator servicer: each RPC converts the request, calls the pool, converts back.
 
-Errors map to status codes in one place: a `DepthdError` carries the name of its code;
-anything else is INTERNAL, logged once with its traceback. In a stream a frame's
-error becomes that frame's response and the stream goes on.
+Errors map to status codes in one place: a `DepthdError` carries the name of its code and
+is logged once, briefly and rate-limited, as the client's doing; anything else is
+INTERNAL, logged with its traceback. In a stream a frame's error becomes that frame's
+response and the stream goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import logging
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
@@ -20,13 +22,17 @@ import grpc
 from depthd import convert
 from depthd.config import Limits
 from depthd.errors import DepthdError, Unavailable
-from depthd.pool import Lane, ModelPool, PoolResult
+from depthd.logs import RateLimited
+from depthd.pool import Lane, ModelPool, PoolResult, release_result
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the daemon's log has the details"
+
+refusals = RateLimited(logger, logging.INFO, per_minute=20)
+"""Requests refused for the client's own doing: worth a line, never a flood of them."""
 
 
 def status_of(error: DepthdError) -> grpc.StatusCode:
@@ -42,6 +48,7 @@ def unary_errors(method):
             try:
                 return await method(self, request, context)
             except DepthdError as error:
+                refusals.log("%s refused: %s %s", method.__name__, error.status, error)
                 await context.abort(status_of(error), str(error))
             except Exception:
                 logger.exception("internal error in %s", method.__name__)
@@ -60,6 +67,7 @@ def stream_errors(method):
                 async for response in method(self, request_iterator, context):
                     yield response
             except DepthdError as error:
+                refusals.log("%s ended: %s %s", method.__name__, error.status, error)
                 await context.abort(status_of(error), str(error))
             except Exception:
                 logger.exception("internal error in %s", method.__name__)
@@ -88,19 +96,17 @@ class Calls:
                 self.idle.set()
 
 
-_DRAINED = object()
-"""Put in a stream's window when the daemon started draining before the client finished sending."""
-
 DROPPED_BACKLOG = 1024
 """Responses of dropped frames a stream may have waiting behind a frame still in the model."""
 
 
 class _Place:
-    """A frame's place in its stream's window, freed once: when it is answered or dropped."""
+    """A frame's place in its stream (a window place, or a dropped-backlog one), freed once:
+    when it is answered, or as soon as the pool drops it for a newer frame."""
 
-    def __init__(self, places: asyncio.Semaphore, held: bool):
+    def __init__(self, places: asyncio.Semaphore):
         self._places = places
-        self._held = held
+        self._held = True
 
     def free(self) -> None:
         if self._held:
@@ -110,6 +116,34 @@ class _Place:
     def free_if_dropped(self, pending: "Future[PoolResult]") -> None:
         if not pending.cancelled() and pending.exception() is None and pending.result().dropped:
             self.free()
+
+
+@dataclass
+class _Read:
+    """A frame read from a stream: the ids its response echoes, and its answer to come (or why not)."""
+
+    request: pb.EstimateRequest
+    answer: "Future[PoolResult] | DepthdError"
+    place: _Place
+
+    def release(self) -> None:
+        """Give back the bytes of this frame's answer, once it comes: sent, or never to be."""
+        if isinstance(self.answer, Future):
+            self.answer.add_done_callback(release_result)
+
+    def abandon(self) -> None:
+        """The stream ended before this frame was answered: give its place and bytes back."""
+        self.place.free()
+        if isinstance(self.answer, Future):
+            self.answer.cancel()
+        self.release()
+
+
+@dataclass(frozen=True)
+class _End:
+    """The stream's reader stopped: the client finished, reading failed, or the daemon is draining."""
+
+    error: BaseException | None = None
 
 
 class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
@@ -125,8 +159,12 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
         self._refuse_if_draining()
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        done = await asyncio.wrap_future(self._submit(request, deadline))
-        return convert.response(request, done)
+        pending = self._submit(request, deadline)
+        try:
+            return convert.response(request, await asyncio.wrap_future(pending))
+        finally:
+            # the reply is gRPC's now (or nobody's, if the call was cancelled): its bytes are no longer ours to count
+            pending.add_done_callback(release_result)
 
     @stream_errors
     async def EstimateStream(
@@ -134,35 +172,40 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     ) -> AsyncIterator[pb.EstimateResponse]:
         # Frames are submitted as they are read. At most `stream_window` of them hold an
         # image and wait for an answer; past that the stream is not read, and HTTP/2 flow
-        # control holds the client. After a latest_frame_wins frame the next is read
-        # without waiting for a place: it drops the one before if that is still waiting,
-        # so such a stream holds at most the frame in the model and the newest one, and
-        # only the ids of the dropped ones wait for their turn to be answered.
-        # On shutdown the frames read so far are answered, then the stream ends UNAVAILABLE.
+        # control (a fixed, small window: server_options) holds the client. After a
+        # latest_frame_wins frame the next is read without waiting for a place: it drops
+        # the one before if that is still waiting, so such a stream holds at most the frame
+        # in the model and the newest one, and only the ids of the dropped ones wait for
+        # their turn to be answered. On shutdown the frames read so far are answered, then
+        # the stream ends UNAVAILABLE.
         self._refuse_if_draining()
-        window: asyncio.Queue = asyncio.Queue(maxsize=self.limits.stream_window + DROPPED_BACKLOG)
+        window: asyncio.Queue[_Read | _End] = asyncio.Queue()
         lane = Lane()
         reader = asyncio.ensure_future(self._read(request_iterator, window, lane))
         try:
-            while (item := await window.get()) is not None:
-                if item is _DRAINED:
-                    self._refuse_if_draining()
-                request, pending, place = item
-                answer = await self._answer(request, pending)
-                place.free()
-                answer.stream_dropped = lane.dropped
-                yield answer
-            await reader
+            while not isinstance(item := await window.get(), _End):
+                try:
+                    answer = await self._answer(item)
+                    item.place.free()
+                    answer.stream_dropped = lane.dropped
+                    yield answer
+                finally:
+                    item.release()
+            if item.error is not None:
+                raise item.error
         finally:
             reader.cancel()
             while not window.empty():
-                item = window.get_nowait()
-                if isinstance(item, tuple) and isinstance(item[1], Future):
-                    item[1].cancel()
+                left = window.get_nowait()
+                if isinstance(left, _Read):
+                    left.abandon()
 
     @unary_errors
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[convert.model_info(s) for s in self.pool.models()])
+        return pb.ListModelsResponse(
+            models=[convert.model_info(s) for s in self.pool.models()],
+            max_message_bytes=self.limits.max_message_bytes,
+        )
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -181,26 +224,30 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     async def _read(
         self, request_iterator: AsyncIterator[pb.EstimateRequest], window: asyncio.Queue, lane: Lane
     ) -> None:
+        """Read the stream's frames into `window`, a place at a time; always end it with an `_End`."""
         requests = request_iterator.__aiter__()
         draining = asyncio.ensure_future(self.draining.wait())
         places = asyncio.Semaphore(self.limits.stream_window)
+        backlog = asyncio.Semaphore(DROPPED_BACKLOG)
         loop = asyncio.get_running_loop()
         latest_wins = False
+        following: asyncio.Future | None = None
+        end = _End()
         try:
             while True:
-                if not latest_wins:
-                    await places.acquire()
-                place = _Place(places, held=not latest_wins)
+                semaphore = backlog if latest_wins else places
+                await semaphore.acquire()
+                place = _Place(semaphore)
                 following = asyncio.ensure_future(requests.__anext__())
                 await asyncio.wait({following, draining}, return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
-                    following.cancel()
-                    await window.put(_DRAINED)
+                    place.free()
+                    end = _End(Unavailable("the daemon is shutting down; reconnect when it is back"))
                     return
                 try:
                     request = following.result()
                 except StopAsyncIteration:
-                    await window.put(None)
+                    place.free()
                     return
                 latest_wins = request.latest_frame_wins
                 try:
@@ -211,17 +258,35 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
                     pending.add_done_callback(
                         lambda done, place=place: loop.call_soon_threadsafe(place.free_if_dropped, done)
                     )
-                await window.put((convert.ids_only(request), pending, place))
+                window.put_nowait(_Read(convert.ids_only(request), pending, place))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the reader's failure must end the stream, not hang it
+            end = _End(error)
         finally:
             draining.cancel()
+            if following is not None:
+                following.cancel()
+                following.add_done_callback(_retrieved)
+            window.put_nowait(end)
 
-    async def _answer(self, request: pb.EstimateRequest, pending: "Future[PoolResult] | DepthdError") -> pb.EstimateResponse:
+    async def _answer(self, item: _Read) -> pb.EstimateResponse:
+        request = item.request
         try:
-            if isinstance(pending, DepthdError):
-                raise pending
-            return convert.response(request, await asyncio.wrap_future(pending))
+            if isinstance(item.answer, DepthdError):
+                raise item.answer
+            return convert.response(request, await asyncio.wrap_future(item.answer))
         except DepthdError as error:
-            return convert.error_response(request, status_of(error).value[0], str(error))
+            refusals.log("EstimateStream frame refused: %s %s", error.status, error)
+            return convert.error_response(request, self.pool.resolve(request.model), status_of(error).value[0], str(error))
         except Exception:
             logger.exception("internal error on a stream frame frame_id=%d", request.frame_id)
-            return convert.error_response(request, grpc.StatusCode.INTERNAL.value[0], INTERNAL_MESSAGE)
+            return convert.error_response(
+                request, self.pool.resolve(request.model), grpc.StatusCode.INTERNAL.value[0], INTERNAL_MESSAGE
+            )
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a task's outcome as seen: a read cut short by the stream's end is no error."""
+    if not task.cancelled():
+        task.exception()
