@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import sys
@@ -67,6 +68,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"depthd: {error}", file=sys.stderr)
         return 2
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning threads
+    # lose their core to any other busy process and every parallel region waits for them:
+    # measured, beside one busy process, 2.67 s a forward pass spinning, 2.08 s sleeping
+    # (Depth Anything V2 Small, 2 cores; docs/performance.md), and 2% slower on an idle machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from depthd import logs
     from depthd.server import serve
 
@@ -78,10 +84,18 @@ def _serve(args: argparse.Namespace) -> int:
 
             scratch = Path(tempfile.mkdtemp(prefix="depthd-demo-"))
             settings = settings.with_demo_model(synthetic.build("depth_anything", scratch / DEMO_MODEL))
-        return asyncio.run(serve(settings))
+        ended = asyncio.run(serve(settings))
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    if ended.workers_left:
+        # A thread still inside torch would abort the interpreter's exit ("terminate called
+        # without an active exception", SIGABRT): end the process here, the answers all sent.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(ended.code)
+    return ended.code
 
 
 def _check_config(args: argparse.Namespace) -> int:

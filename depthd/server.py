@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 import grpc
@@ -22,8 +21,8 @@ from grpc_reflection.v1alpha import reflection
 
 from depthd.config import Limits, Settings
 from depthd.engine import EngineOptions
-from depthd.errors import DepthdError
-from depthd.frames import FrameLimits
+from depthd import descriptors
+from depthd.errors import DepthdError, Unavailable
 from depthd.pool import ModelPool, ModelSpec
 from depthd.service import DepthEstimatorService
 from depthd.systemd import Notifier
@@ -32,22 +31,43 @@ from depthd_client.v1 import depth_pb2, depth_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = depth_pb2.DESCRIPTOR.services_by_name["DepthEstimator"].full_name
+MAX_STREAMS_PER_CONNECTION = 100
+"""Concurrent calls on one connection (a robot's cameras share one): gRPC's default is unlimited."""
+STALL_FRACTION = 1 / 3
+"""A worker without progress for this share of WatchdogSec is judged hung, and the pings stop."""
+WORST_FRAME_FACTOR = 3
+"""What the largest legal frame may cost against a warm-up frame, under the processed-size cap."""
+LAST_ANSWERS_S = 1.0
+"""After the drain's grace: time for the last answers (UNAVAILABLE ones included) to go out."""
+WORKER_JOIN_S = 0.5
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments, each a limit that no client can push past."""
     return [
         # a request carries one frame: refuse larger ones (RESOURCE_EXHAUSTED) before reading them
         ("grpc.max_receive_message_length", limits.max_message_bytes),
-        # a response carries one depth map, which a client may ask to be large
-        ("grpc.max_send_message_length", -1),
+        # a reply is checked against the same figure before any work; this only backs that up
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        # HTTP/2 flow control is what holds a sender once a stream's window of frames is full:
+        # keep each stream's window fixed and small (BDP probing would grow it to megabytes,
+        # hundreds of small frames, all of them stale by the time they are read)
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", limits.transport_window_bytes),
+        # calls one connection may have open at once; more wait in the client
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        # close connections with no call for a while: idle sockets cost file descriptors
+        ("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * 1000)),
         # ping idle connections so a robot that lost power frees its streams
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
-        # and accept clients' own keepalive pings down to every 10 s, even between calls
+        # accept clients' own keepalive pings down to every 10 s, even between calls; a client
+        # that pings more often is sent GOAWAY after max_ping_strikes bad pings
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 2),
         # a second daemon on the same port must fail to bind, not share the port
         ("grpc.so_reuseport", 0),
     ]
@@ -70,11 +90,13 @@ def pool_from_settings(settings: Settings, heartbeat_s: float = 1.0) -> ModelPoo
                 channels_last=m.channels_last,
                 compile=m.compile,
                 cuda_graphs=m.cuda_graphs,
+                max_processed_side=m.max_processed_side,
             ),
             warmup_sizes=m.warmup_sizes,
             max_batch=m.max_batch,
             max_wait_ms=m.max_wait_ms,
             max_queue=m.max_queue,
+            max_queue_bytes=m.max_queue_bytes,
             demo=m.demo,
         )
         for m in settings.models
@@ -82,7 +104,7 @@ def pool_from_settings(settings: Settings, heartbeat_s: float = 1.0) -> ModelPoo
     return ModelPool(
         specs,
         default=settings.default,
-        limits=FrameLimits(max_input_pixels=settings.limits.max_input_pixels),
+        limits=settings.limits,
         decode_threads=settings.decode_threads,
         torch_threads=settings.torch_threads,
         heartbeat_s=heartbeat_s,
@@ -112,7 +134,9 @@ class Daemon:
 
 async def create_server(settings: Settings, pool: ModelPool) -> Daemon:
     """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`."""
-    server = grpc.aio.server(options=server_options(settings.limits))
+    server = grpc.aio.server(
+        options=server_options(settings.limits), maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs
+    )
     service = DepthEstimatorService(pool, settings.limits)
     depth_pb2_grpc.add_DepthEstimatorServicer_to_server(service, server)
     health = health_aio.HealthServicer()
@@ -133,6 +157,15 @@ async def create_server(settings: Settings, pool: ModelPool) -> Daemon:
     return daemon
 
 
+@dataclass(frozen=True)
+class Exit:
+    """How the daemon ended: the process's exit code, and the model workers it had to leave
+    behind in a forward pass (the process must then end without running C++ destructors)."""
+
+    code: int
+    workers_left: tuple[str, ...] = ()
+
+
 class DepthDaemon:
     """The daemon's life: serve at once, load in the background, tell systemd, drain on stop."""
 
@@ -145,7 +178,7 @@ class DepthDaemon:
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
-        self._watchdog: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> list[str]:
         """Bind, start the server (health NOT_SERVING) and begin loading; returns the bound addresses."""
@@ -155,17 +188,29 @@ class DepthDaemon:
         await self.daemon.server.start()
         logger.info("listening on %s", ", ".join(self.daemon.addresses))
         if self.notifier.watchdog_interval:
-            self._watchdog = asyncio.ensure_future(self._keep_watchdog(self.notifier.watchdog_interval / 2))
+            self._tasks.append(asyncio.ensure_future(self._keep_watchdog(self.notifier.watchdog_interval)))
+        self._tasks.append(asyncio.ensure_future(descriptors.watch()))
         self.pool.load_in_background(progress=self._loading, on_ready=self._model_ready, on_done=self._loading_done)
         return self.daemon.addresses
 
-    def request_stop(self) -> None:
-        """Ask the daemon to drain and stop; safe from any thread or a signal handler."""
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the daemon runs on, once started."""
+        return self._loop
 
-    async def wait(self) -> int:
-        """Serve until asked to stop (or a model fails to load), then drain; returns the exit code."""
+    def request_stop(self) -> None:
+        """Ask the daemon to drain and stop; safe from any thread or a signal handler, and after it stopped."""
+        loop = self._loop
+        if loop is None or self._stop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._stop.set)
+        except RuntimeError:  # the loop closed between the check and the call: it has stopped
+            pass
+
+    async def wait(self) -> Exit:
+        """Serve until asked to stop (or a model fails to load), then drain: every frame received is
+        answered within `drain_grace_s` (with UNAVAILABLE if its forward pass runs past it)."""
         await self._stop.wait()
         grace = self.settings.drain_grace_s
         if isinstance(self._failure, DepthdError):
@@ -174,31 +219,34 @@ class DepthDaemon:
             logger.error("loading failed", exc_info=self._failure)
         else:
             logger.info("stopping: answering the frames received, for up to %.1f s", grace)
-        deadline = time.monotonic() + grace
         await self._drain(grace)
-        # Within the same grace: systemd's TimeoutStopSec is set just above it.
-        self.pool.close(max(0.0, deadline - time.monotonic()))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in self._tasks:
+            task.cancel()
+        left = tuple(await asyncio.to_thread(self.pool.close, WORKER_JOIN_S))
+        if left:
+            logger.warning("model worker %s still in a forward pass: exiting without it", ", ".join(left))
         logger.info("stopped")
-        return 1 if self._failure is not None else 0
+        return Exit(1 if self._failure is not None else 0, left)
 
     async def _drain(self, grace: float) -> None:
         """Health NOT_SERVING, new calls UNAVAILABLE, calls in progress answered: then stop the server.
 
         The server keeps accepting connections meanwhile, so a late caller is told
         UNAVAILABLE (and a health check NOT_SERVING) rather than finding the port closed.
+        Frames still unanswered when the grace is over are answered UNAVAILABLE.
         """
         self.notifier.stopping("draining")
         await self.daemon.health.enter_graceful_shutdown()
         service = self.daemon.service
         service.draining.set()
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(service.calls.idle.wait(), grace)
-        except asyncio.TimeoutError:
-            logger.warning("%d call(s) still running after the %.1f s grace: cancelling them", service.calls.count, grace)
-        await self.daemon.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        if not await _within(service.calls.idle.wait(), grace):
+            failed = self.pool.abort(Unavailable(
+                f"the daemon is shutting down and this frame was not done within drain_grace_s ({grace:g} s)"
+            ))
+            logger.warning("%d call(s) still running after the %.1f s grace: %d frame(s) answered UNAVAILABLE",
+                           service.calls.count, grace, failed)
+            await _within(service.calls.idle.wait(), LAST_ANSWERS_S)
+        await self.daemon.server.stop(LAST_ANSWERS_S)
 
     def _loading(self, name: str, position: int, total: int) -> None:
         logger.info("loading model=%s (%d/%d)", name, position, total)
@@ -212,29 +260,60 @@ class DepthDaemon:
         if self.pool.ready:
             names = ", ".join(s.name for s in self.pool.specs)
             self.notifier.ready(f"serving {names} on {', '.join(self.daemon.addresses)}")
+            self._check_watchdog_margin()
+
+    def _check_watchdog_margin(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if not interval:
+            return
+        for name, seconds in self.pool.warmup_seconds().items():
+            if seconds * WORST_FRAME_FACTOR > interval * STALL_FRACTION:
+                logger.warning(
+                    "model=%s took %.1f s a forward pass at warm-up, and a frame may cost %d times that: over the "
+                    "%.1f s without progress after which the watchdog judges a worker hung (WatchdogSec=%g); raise "
+                    "WatchdogSec to at least %.0f (`systemctl edit depthd`)",
+                    name, seconds, WORST_FRAME_FACTOR, interval * STALL_FRACTION, interval,
+                    seconds * WORST_FRAME_FACTOR / STALL_FRACTION + 1,
+                )
 
     def _loading_done(self, error: BaseException | None) -> None:
         if error is not None:
             self._failure = error
             self.request_stop()
 
-    async def _keep_watchdog(self, period: float) -> None:
-        """WATCHDOG=1 every `period`, but only while every model worker shows progress."""
+    async def _keep_watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 every `interval`/2, but only while every model worker has shown progress within
+        `interval` * STALL_FRACTION: a forward pass that hangs stops the pings well before systemd's
+        deadline, and systemd restarts the daemon."""
         withheld = False
         while True:
-            await asyncio.sleep(period)
-            stalled = self.pool.stalled(within=period)
+            await asyncio.sleep(interval / 2)
+            try:
+                stalled = self.pool.stalled(within=interval * STALL_FRACTION)
+            except Exception:  # noqa: BLE001 - judging must never end the pings for good
+                logger.exception("cannot tell whether the model workers make progress")
+                continue
             if not stalled:
                 self.notifier.watchdog()
                 withheld = False
             elif not withheld:
                 logger.error("model worker %s stuck for over %.1f s: withholding the watchdog ping",
-                             ", ".join(stalled), period)
+                             ", ".join(stalled), interval * STALL_FRACTION)
                 withheld = True
 
 
-async def serve(settings: Settings) -> int:
-    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once. Returns the exit code."""
+async def _within(awaitable, seconds: float) -> bool:
+    """Await `awaitable` for at most `seconds`; whether it finished."""
+    try:
+        await asyncio.wait_for(awaitable, max(0.0, seconds))
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+async def serve(settings: Settings) -> Exit:
+    """Run the daemon until SIGTERM/SIGINT; a second signal exits at once."""
+    descriptors.raise_soft_limit()
     daemon = DepthDaemon(settings, notifier=Notifier())
     loop = asyncio.get_running_loop()
     signalled: list[int] = []
@@ -252,5 +331,5 @@ async def serve(settings: Settings) -> int:
         await daemon.start()
     except (OSError, RuntimeError) as error:
         logger.error("cannot start: %s", error)
-        return 1
+        return Exit(1)
     return await daemon.wait()
