@@ -1,9 +1,11 @@
-"""A real depthd daemon in this process, on a free loopback port, for the tests to talk to."""
+"""A real depthd daemon in this process, on a free loopback port, for the tests to talk to,
+and the small tools the tests drive it with."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from depthd.config import Settings
 from depthd.pool import ModelPool
@@ -25,8 +27,8 @@ class GatedPool(ModelPool):
 class RunningDaemon:
     """`DepthDaemon` on its own event-loop thread; `address` is the bound host:port."""
 
-    def __init__(self, settings: Settings, pool: ModelPool | None = None):
-        self.daemon = DepthDaemon(settings, pool)
+    def __init__(self, settings: Settings, pool: ModelPool | None = None, notifier=None):
+        self.daemon = DepthDaemon(settings, pool, notifier)
         self.exit_code: int | None = None
         self._started = threading.Event()
         self._addresses: list[str] = []
@@ -51,7 +53,7 @@ class RunningDaemon:
                 self._started.set()
                 return
             self._started.set()
-            self.exit_code = await self.daemon.wait()
+            self.exit_code = (await self.daemon.wait()).code
 
         asyncio.run(main())
 
@@ -59,3 +61,54 @@ class RunningDaemon:
         self.daemon.request_stop()
         self._thread.join(timeout)
         return self.exit_code
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Gate:
+    """Wraps a model's forward. While shut, a forward pass waits at the gate; `step()` lets one
+    waiting pass through, `release()` opens it for good. A pass whose batch holds a flat
+    (single-colour) frame fails while `flat_frames_fail` is set."""
+
+    def __init__(self, model):
+        self.model = model
+        self.forward = model.forward
+        self.entered = threading.Event()
+        self.flat_frames_fail = False
+        self._condition = threading.Condition()
+        self._open = True
+        self._steps = 0
+        model.forward = self._forward
+
+    def _forward(self, pixel_values, **kwargs):
+        with self._condition:
+            self.entered.set()
+            if not self._condition.wait_for(lambda: self._open or self._steps, timeout=60):
+                raise TimeoutError("the test never opened the gate")
+            if not self._open:
+                self._steps -= 1
+        if self.flat_frames_fail and pixel_values.flatten(2).std(2).eq(0).all(1).any():
+            raise RuntimeError("a flat frame broke the forward pass")
+        return self.forward(pixel_values=pixel_values, **kwargs)
+
+    def shut(self) -> None:
+        with self._condition:
+            self.entered.clear()
+            self._open = False
+
+    def step(self) -> None:
+        with self._condition:
+            self._steps += 1
+            self._condition.notify_all()
+
+    def release(self) -> None:
+        with self._condition:
+            self._open = True
+            self._condition.notify_all()

@@ -38,6 +38,7 @@ def test_depthd_serve_process_with_a_config_the_demo_and_json_logs(tiny_models, 
         f"models:\n  - name: glpn\n    source: {tiny_models['glpn']}\n    warmup_sizes: [[64, 64]]\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DEPTHD_DEMO": "true"}
+    env.pop("OMP_WAIT_POLICY", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "depthd.cli", "serve", "--config", str(config)],
         env=env, stderr=subprocess.PIPE, text=True,
@@ -59,6 +60,7 @@ def test_depthd_serve_process_with_a_config_the_demo_and_json_logs(tiny_models, 
     messages = [e["msg"] for e in events]
     assert any(m.startswith("listening on unix:") for m in messages)
     assert any("DEMO model=demo has random weights" in m for m in messages)
+    assert any("OMP_WAIT_POLICY=PASSIVE" in m for m in messages), "idle OpenMP threads must sleep, not spin"
     assert messages[-1] == "stopped"
 
 

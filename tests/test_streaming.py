@@ -8,12 +8,11 @@ Nothing here asserts on time.
 from __future__ import annotations
 
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
-from daemon import RunningDaemon
+from daemon import Gate, RunningDaemon, wait_for
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
@@ -21,32 +20,6 @@ from depthd_client import DepthClient, DepthdError
 
 WINDOW = 2
 TIGHT_MAX_QUEUE = 3
-
-
-class Gate:
-    """Wraps a model's forward: while shut, a forward pass waits at the gate. A pass whose
-    batch holds a flat (single-colour) frame fails while `flat_frames_fail` is set."""
-
-    def __init__(self, model):
-        self.model = model
-        self.forward = model.forward
-        self.open = threading.Event()
-        self.open.set()
-        self.entered = threading.Event()
-        self.flat_frames_fail = False
-        model.forward = self._forward
-
-    def _forward(self, pixel_values, **kwargs):
-        self.entered.set()
-        if not self.open.wait(30):
-            raise TimeoutError("the test never opened the gate")
-        if self.flat_frames_fail and pixel_values.flatten(2).std(2).eq(0).all(1).any():
-            raise RuntimeError("a flat frame broke the forward pass")
-        return self.forward(pixel_values=pixel_values, **kwargs)
-
-    def shut(self) -> None:
-        self.entered.clear()
-        self.open.clear()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +40,7 @@ def daemon(tiny_models):
     running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in ("batched", "solo", "tight")}
     yield running
     for gate in running.gates.values():
-        gate.open.set()
+        gate.release()
     assert running.stop() == 0
 
 
@@ -75,14 +48,6 @@ def daemon(tiny_models):
 def client(daemon):
     with DepthClient(daemon.address, timeout=60) as c:
         yield c
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def model_info(client: DepthClient, name: str):
@@ -107,7 +72,7 @@ def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(da
     frames = [scene(96, 64, seed=1), scene(96, 64, seed=2), scene(64, 96, seed=3)]
     streams = [in_thread(lambda f=f: list(client.stream([f], model="batched"))) for f in frames]
     wait_for(lambda: runner.ready == 3, "three frames waiting for the model")
-    gate.open.set()
+    gate.release()
     for thread, _ in [(first, first_result), *streams]:
         thread.join(30)
     results = [box[0][0] for _, box in streams]
@@ -135,12 +100,12 @@ def test_a_frame_that_breaks_the_forward_pass_fails_alone(daemon, client):
         good, good_box = in_thread(lambda: list(client.stream(good_frames, model="batched")))
         bad, bad_box = in_thread(lambda: list(client.stream([np.full((64, 96, 3), 128, np.uint8)], model="batched")))
         wait_for(lambda: runner.ready == 3, "two streams' frames waiting to share a pass")
-        gate.open.set()
+        gate.release()
         for thread in (first, good, bad):
             thread.join(30)
     finally:
         gate.flat_frames_fail = False
-        gate.open.set()
+        gate.release()
 
     assert [r.ok for r in good_box[0]] == [True, True]
     [broken] = bad_box[0]
@@ -159,7 +124,7 @@ def test_latest_frame_wins_drops_the_waiting_frame_counts_it_and_keeps_order(dae
         for seed in range(1, 5):  # 1 waits, 2 replaces it, 3 replaces 2, 4 replaces 3
             yield scene(96, 64, seed=seed)
         wait_for(lambda: model_info(client, "batched").frames_dropped == dropped_before + 3, "three drops")
-        gate.open.set()
+        gate.release()
 
     results = list(client.stream(camera(), model="batched", latest_frame_wins=True))
 
@@ -179,7 +144,7 @@ def test_a_lossless_stream_faster_than_the_model_is_held_to_its_window(daemon, c
     thread, box = in_thread(lambda: list(client.stream(frames, model="solo")))
     assert gate.entered.wait(30)
     wait_for(lambda: runner.pending == WINDOW - 1, "the window to fill")
-    gate.open.set()
+    gate.release()
     thread.join(60)
     results = box[0]
 
@@ -200,7 +165,7 @@ def test_unary_calls_past_max_queue_are_refused_with_resource_exhausted(daemon, 
     wait_for(lambda: runner.pending == TIGHT_MAX_QUEUE, "the queue to fill")
     with pytest.raises(DepthdError) as refused:
         ask()
-    gate.open.set()
+    gate.release()
     for thread, _ in calls:
         thread.join(30)
 

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from scenes import scene
-from slow_daemon import HANG_WIDTH, SLOW_WIDTH
+from slow_daemon import BUSY_WIDTH, HANG_WIDTH, SLOW_WIDTH
 
 from depthd.cli import main as depthd_main
 from depthd.systemd import Notifier
@@ -62,7 +62,8 @@ class Notifications:
         return self.received[start:]
 
 
-def start_daemon(tiny_models, tmp_path, watchdog_usec: int = 1_000_000):
+def start_daemon(tiny_models, tmp_path, watchdog_usec: int = 1_000_000, listen: str | None = None,
+                 preexec_fn=None, **environment: str):
     notifications = Notifications(str(tmp_path / "notify.sock"))
     socket_path = tmp_path / "depthd.sock"
     env = {
@@ -72,13 +73,14 @@ def start_daemon(tiny_models, tmp_path, watchdog_usec: int = 1_000_000):
         "WATCHDOG_USEC": str(watchdog_usec),
         "DEPTHD_STREAM_WINDOW": "8",
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        **environment,
     }
     process = subprocess.Popen(
         [sys.executable, str(TESTS / "slow_daemon.py"), "serve", "--model", f"tiny={tiny_models['depth_anything']}",
-         "--listen", f"unix:{socket_path}"],
-        env=env, stderr=subprocess.PIPE, text=True,
+         "--listen", listen or f"unix:{socket_path}"],
+        env=env, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
     )
-    return process, notifications, f"unix://{socket_path}"
+    return process, notifications, listen or f"unix://{socket_path}"
 
 
 def test_ready_watchdog_and_a_drain_that_answers_every_frame(tiny_models, tmp_path):
@@ -134,6 +136,97 @@ def test_a_hung_forward_pass_stops_the_pings_and_a_second_signal_exits_at_once(t
     assert "withholding the watchdog ping" in process.stderr.read()
 
 
+def test_sigterm_during_a_forward_pass_longer_than_the_grace_exits_0_and_answers_unavailable(tiny_models, tmp_path):
+    """Torch still computing when the grace ends: the frame is answered UNAVAILABLE, the process exits 0
+    just after the grace (it used to abort: "terminate called without an active exception", SIGABRT)."""
+    process, notifications, target = start_daemon(tiny_models, tmp_path, DEPTHD_DRAIN_GRACE_S="1")
+    answers = []
+    try:
+        notifications.wait_for("READY=1", timeout=120)
+        with DepthClient(target, timeout=60) as client:
+            call = threading.Thread(target=lambda: answers.append(_code_of(client.estimate, scene(BUSY_WIDTH, 64))))
+            call.start()
+            _wait_until(lambda: client.models()[0].queue_depth == 0 and client.models()[0].bytes_held > 0,
+                        "the frame to be in its forward pass")
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(30)
+            took = time.monotonic() - signalled
+            call.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stderr.read()
+    assert code == 0, log[-2000:]
+    assert took < 1 + 3, took
+    assert answers == [grpc.StatusCode.UNAVAILABLE]
+    assert "terminate called" not in log and "answered UNAVAILABLE" in log
+
+
+def test_connections_past_the_open_file_limit_are_said_in_the_log(tiny_models, tmp_path):
+    """Each connection is a file descriptor: the daemon takes the hard limit, and warns as it runs out."""
+    import resource
+
+    limit = 160
+    port = _free_port()
+    process, notifications, target = start_daemon(
+        tiny_models, tmp_path, listen=f"127.0.0.1:{port}",
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (100, limit)),
+    )
+    idle = []
+    try:
+        notifications.wait_for("READY=1", timeout=120)
+        soft = _soft_limit_of(process.pid)
+        for _ in range(limit):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        notifications.collect(3.0)  # the daemon checks every 2 s
+        for connection in idle:
+            connection.close()
+        with DepthClient(target, timeout=30) as client:
+            _wait_until(lambda: _served(client), "a client to be served again once the idle connections are gone")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert soft == limit, "the soft limit was not raised to the hard one"
+    assert "file descriptors exhausted" in process.stderr.read()
+
+
+def _served(client) -> bool:
+    try:
+        return client.estimate(scene(64, 48), timeout=5).ok
+    except DepthdError:
+        return False
+
+
+def _soft_limit_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    from daemon import wait_for
+
+    wait_for(condition, what, timeout)
+
+
+def _code_of(call, *args):
+    try:
+        call(*args)
+        return grpc.StatusCode.OK
+    except DepthdError as error:
+        return error.code
+
+
 def _ignore_errors(call, *args):
     try:
         call(*args)
@@ -179,6 +272,68 @@ def test_draining_refuses_new_calls_and_answers_those_received(tiny_models):
     assert running.stop() == 0
     assert [r.ok for r in results] == [True, True, True]
     assert ended in ([], [grpc.StatusCode.UNAVAILABLE])
+
+
+def test_the_watchdog_outlives_a_failure_to_judge_the_workers(tiny_models, tmp_path):
+    from daemon import RunningDaemon
+
+    from depthd.config import ModelSettings, Settings
+
+    notifications = Notifications(str(tmp_path / "notify.sock"))
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "600000"})
+    settings = Settings(listen=("127.0.0.1:0",), models=(
+        ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),)),))
+    running = RunningDaemon(settings, notifier=notifier)
+    try:
+        notifications.wait_for("READY=1", timeout=60)
+        pool, judged = running.daemon.pool, []
+        real = pool.stalled
+
+        def flaky(within):
+            judged.append(within)
+            if len(judged) == 1:
+                raise RuntimeError("dictionary changed size during iteration")
+            return real(within)
+
+        pool.stalled = flaky
+        pings = [t for t, line in notifications.collect(2.0) if line == "WATCHDOG=1"]
+    finally:
+        assert running.stop() == 0
+    assert len(judged) >= 3 and len(pings) >= 2, (judged, pings)
+
+
+def test_stopping_leaves_the_event_loop_free_while_the_workers_stop(tiny_models):
+    import asyncio
+
+    from daemon import RunningDaemon
+
+    from depthd.config import ModelSettings, Settings
+    from depthd.server import pool_from_settings
+
+    closing, release = threading.Event(), threading.Event()
+
+    class SlowToClose(type(pool_from_settings(Settings(models=(ModelSettings("x", "x"),))))):
+        def close(self, timeout=None):
+            closing.set()
+            release.wait(30)
+            return super().close(timeout)
+
+    settings = Settings(listen=("127.0.0.1:0",), models=(
+        ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),)),))
+    pool = SlowToClose(pool_from_settings(settings).specs)
+    running = RunningDaemon(settings, pool)
+    with DepthClient(running.address) as client:
+        client.wait_until_serving(60)
+    stopping = threading.Thread(target=running.stop)
+    stopping.start()
+    try:
+        assert closing.wait(30)
+        # the workers are being stopped; the event loop still runs (signals, the second SIGTERM)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), running.daemon.loop).result(timeout=5)
+    finally:
+        release.set()
+        stopping.join(30)
+    assert running.exit_code == 0
 
 
 def test_notifier_speaks_to_abstract_sockets_and_is_silent_outside_systemd():
