@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random checkpoints of every architecture, built once per session, offline."""
+"""Shared fixtures: tiny random checkpoints of every architecture, built once per session, offline.
+
+Tests marked `slow` (seconds and gigabytes) or `gpu` (a CUDA device) are opt-in:
+`pytest --run-slow`, and `--run-gpu` where torch sees a GPU.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +23,18 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """name -> folder of a saved tiny checkpoint (model + preprocessor config), for every architecture."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: synthetic.build(name, root / name) for name in synthetic.TINY}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
+    parser.addoption("--run-gpu", action="store_true", help="also run the tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu")):
+        if config.getoption(option):
+            continue
+        skip = pytest.mark.skip(reason=f"{marker}: opt-in with {option}")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)

@@ -186,6 +186,22 @@ def test_list_models_says_what_a_client_must_receive(client, daemon):
     assert rel.max_processed_side == 1036 and rel.max_queue_bytes == BUDGET
 
 
+@pytest.mark.slow
+def test_the_client_takes_the_largest_map_a_daemon_may_be_set_to_send(tiny_models):
+    """8192x8192 float32 is 268 435 456 bytes: over the old client's 256 MiB, within 2 GiB."""
+    settings = Settings(listen=("127.0.0.1:0",), models=(
+        ModelSettings("rel", str(tiny_models["depth_anything"]), warmup_sizes=SMALL, max_queue_bytes=2048 * MIB),),
+        limits=Limits(max_message_bytes=300 * MIB, max_pending_bytes=2048 * MIB))
+    running = RunningDaemon(settings)
+    try:
+        with DepthClient(running.address, timeout=120) as client:
+            client.wait_until_serving(60)
+            result = client.estimate(scene(64, 48), width=8192, height=8192)
+            assert result.depth.shape == (8192, 8192) and result.depth.dtype == np.float32
+    finally:
+        assert running.stop() == 0
+
+
 # --- 3. memory is bounded in bytes ---------------------------------------------------------
 
 
