@@ -24,9 +24,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from depthd import synthetic  # noqa: E402
+from depthd.config import ModelSettings  # noqa: E402
 from depthd.domain import Frame, OutputSpec  # noqa: E402
-from depthd.engine import DepthEngine, EngineOptions  # noqa: E402
+from depthd.engine import synthetic  # noqa: E402
+from depthd.engine.engine import DepthEngine  # noqa: E402
 
 
 def knobs(device: str) -> list[tuple[str, dict, int, int]]:
@@ -73,8 +74,8 @@ def main() -> int:
                 continue
             torch.set_num_threads(threads or default_threads)
             started = time.perf_counter()
-            engine = DepthEngine.load(label, str(folder), EngineOptions(device=args.device, **options))
-            engine.warmup()
+            engine = DepthEngine.load(ModelSettings(label, str(folder), device=args.device, **options))
+            engine.warmup(((480, 640),))
             runs.append((label, batch, threads or default_threads, workload(engine, batch), time.perf_counter() - started))
         # Every knob gets a turn in each round, so the machine's drift slows them all alike.
         times: dict[str, list[float]] = {label: [] for label, *_ in runs}

@@ -130,11 +130,17 @@ def daemon_env(tree: Path, extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+def module_of(tree: Path, new: str, old: str) -> str:
+    """The module's name in this tree's layout (the package was reorganised after the first runs)."""
+    return new if (tree / (new.replace(".", "/") + ".py")).exists() or (tree / new / "__main__.py").exists() else old
+
+
 def ensure_models(tree: Path, python: str, folder: Path) -> dict[str, Path]:
     """Depth Anything V2 Small and the tiny Depth Anything, random weights, built once."""
+    synthetic = module_of(tree, "depthd.engine.synthetic", "depthd.synthetic")
     builds = {
-        DAV2S: [python, "-m", "depthd.synthetic", "depth-anything-v2-small", str(folder / DAV2S)],
-        TINY: [python, "-c", f"from depthd import synthetic; synthetic.build('depth_anything', {str(folder / TINY)!r})"],
+        DAV2S: [python, "-m", synthetic, "depth-anything-v2-small", str(folder / DAV2S)],
+        TINY: [python, "-c", f"import {synthetic} as s; s.build('depth_anything', {str(folder / TINY)!r})"],
     }
     for name, command in builds.items():
         if not (folder / name / "config.json").exists():
@@ -196,7 +202,7 @@ class Daemon:
         }, indent=2))
         self.log_path = self.logdir / f"depthd-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        command = [self.python, "-m", "depthd.cli", "serve", "--config", str(config)]
+        command = [self.python, "-m", module_of(self.tree, "depthd", "depthd.cli"), "serve", "--config", str(config)]
         self.proc = subprocess.Popen(command, env=daemon_env(self.tree, self.env), cwd=self.tree,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         started = time.perf_counter()
@@ -511,7 +517,8 @@ def measure_memory(ctx: Context) -> None:
                             f"RSS {mib(before.get('VmRSS'))} before, peak {mib(after.get('VmHWM'))}, {mib(after.get('VmRSS'))} "
                             f"after; {codes}; {seconds:.1f} s, daemon CPU {cpu:.0f} s; PNG {len(png):,} B; {d.state()}",
                             rss_before=before.get("VmRSS"), peak_rss=after.get("VmHWM"), rss_after=after.get("VmRSS"),
-                            codes=codes, seconds=round(seconds, 1), daemon_cpu_s=round(cpu, 1), png_bytes=len(png), calls=ctx.args.unary_calls)
+                            codes=codes, seconds=round(seconds, 1), daemon_cpu_s=round(cpu, 1), png_bytes=len(png),
+                            calls=ctx.args.unary_calls)
     with started(ctx, m, "(b) start", ctx.daemon(TINY)) as d:
         if d is not None:
             with ctx.rec.case(m, "(b) 2 unread streams, 8192x8192 float32", d), d.channel() as channel:
@@ -647,7 +654,8 @@ def measure_backpressure(ctx: Context) -> None:
                             f"{feeder.pulled} in all (cap {args.max_stream_frames}); {ages_text(seen.answers)}; "
                             f"stream {seen.ended or 'cancelled'}; daemon CPU {seen.daemon_cpu_s:.0f} s in {seen.wall_s:.0f} s; "
                             f"RSS {mib(d.memory().get('VmRSS'))}; {d.state()}",
-                            wall_s=seen.wall_s, daemon_cpu_s=seen.daemon_cpu_s, pulled_at_5s=at_5s, pulled_before_first_answer=seen.pulled_at_first, pulled_total=feeder.pulled,
+                            wall_s=seen.wall_s, daemon_cpu_s=seen.daemon_cpu_s, pulled_at_5s=at_5s,
+                            pulled_before_first_answer=seen.pulled_at_first, pulled_total=feeder.pulled,
                             answers=seen.answers, ended=seen.ended, jpeg_bytes=[len(f) for f in frames])
     case = "tiny 200 x 64x48 PNG"
     with started(ctx, m, case, ctx.daemon(TINY, {"stream_window": 4}, warmup=(48, 64))) as d:
@@ -658,7 +666,8 @@ def measure_backpressure(ctx: Context) -> None:
                 ctx.rec.add(m, case,
                             f"{first_text(seen, feeder)}; {ages_text(seen.answers)}; "
                             f"all answered in {last} s; daemon CPU {seen.daemon_cpu_s:.0f} s; stream {seen.ended}",
-                            daemon_cpu_s=seen.daemon_cpu_s, pulled_before_first_answer=seen.pulled_at_first, answers=seen.answers, ended=seen.ended,
+                            daemon_cpu_s=seen.daemon_cpu_s, pulled_before_first_answer=seen.pulled_at_first, answers=seen.answers,
+                            ended=seen.ended,
                             seconds=last)
 
 
@@ -717,7 +726,8 @@ def tree_revision(tree: Path) -> dict[str, Any]:
         done = subprocess.run(["git", "-C", str(tree), *command], capture_output=True, text=True)
         return done.stdout.strip()
 
-    return {"path": str(tree), "commit": git("rev-parse", "HEAD"), "changed_files": len(git("status", "--porcelain").splitlines())}
+    changed = len(git("status", "--porcelain").splitlines())
+    return {"path": str(tree), "commit": git("rev-parse", "HEAD"), "changed_files": changed}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -730,7 +740,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/depthd-bench"), help="models (built once) and daemon logs")
     p.add_argument("--deadline-s", type=float, default=120.0, help="deadline of every unary call")
     p.add_argument("--rss-cap-gib", type=float, default=12.0, help="kill the daemon (and record it) past this RSS")
-    p.add_argument("--overlap-delay-s", type=float, default=1.0, help="compute: send the small frame this long after the tall one")
+    p.add_argument("--overlap-delay-s", type=float, default=1.0,
+                   help="compute: send the small frame this long after the tall one")
     p.add_argument("--unary-calls", type=int, default=80, help="memory (a): concurrent 4000x4000 calls")
     p.add_argument("--unread-seconds", type=float, default=15.0, help="memory (b): how long the unread streams run")
     p.add_argument("--max-stream-frames", type=int, default=5000, help="most frames one feeding stream offers")
@@ -761,7 +772,8 @@ def write_json(path: Path, rec: Recorder, header: dict[str, Any], tag: str = "")
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        stream=sys.stderr)
     api = import_stubs(args.tree)
     models = ensure_models(args.tree, args.python, args.workdir)
     ctx = Context(args, api, models, Recorder())

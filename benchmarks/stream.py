@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from depthd import synthetic  # noqa: E402
+from depthd.engine import synthetic  # noqa: E402
 from depthd_client import DepthClient, StreamFrame  # noqa: E402
 
 WIDTH, HEIGHT = 640, 480
@@ -112,10 +112,11 @@ class Run:
 
 def forward_measure(folder: Path, device: str, dtype: torch.dtype) -> tuple[Measure, str]:
     """The model alone at the size the processor makes of a 640x480 frame."""
-    from depthd.checkpoints import load_checkpoint
+    from depthd.config import ModelSettings
+    from depthd.engine.checkpoints import load_checkpoint
 
-    checkpoint = load_checkpoint("forward", str(folder), device, dtype)
-    processed = checkpoint.preprocessing.plan(HEIGHT, WIDTH).processed
+    checkpoint = load_checkpoint(ModelSettings("forward", str(folder)), device, dtype)
+    processed = checkpoint.recipe.plan(HEIGHT, WIDTH).processed
     pixels = torch.randn(1, 3, *processed, device=device, dtype=dtype)
 
     def measure(count: int) -> tuple[list[float], float]:
@@ -154,18 +155,19 @@ def pipeline_measure(folder: Path, device: str, jpegs: list[bytes]) -> Measure:
 
 def half_precision_error(folder: Path, device: str, jpegs: list[bytes]) -> dict[str, float]:
     """Relative L2 error of each half dtype against float32, over the maps' own variation."""
+    from depthd.config import ModelSettings
     from depthd.domain import Frame, OutputSpec
-    from depthd.engine import DepthEngine, EngineOptions
+    from depthd.engine.engine import DepthEngine
 
     frames = [Frame(np.asarray(Image.open(io.BytesIO(j)).convert("RGB"))) for j in jpegs[:4]]
     specs = [OutputSpec()] * len(frames)
-    reference = DepthEngine.load("fp32", str(folder), EngineOptions(device=device, dtype="float32"))
+    reference = DepthEngine.load(ModelSettings("fp32", str(folder), device=device, dtype="float32"))
     expected = [r.depth for r in reference.estimate(frames, specs)]
     del reference
     dtypes = ["bfloat16", "float16"] if device.startswith("cuda") else ["bfloat16"]
     errors = {}
     for dtype in dtypes:
-        engine = DepthEngine.load(dtype, str(folder), EngineOptions(device=device, dtype=dtype))
+        engine = DepthEngine.load(ModelSettings(dtype, str(folder), device=device, dtype=dtype))
         got = [r.depth for r in engine.estimate(frames, specs)]
         errors[dtype] = max(
             float(np.linalg.norm(g - e) / np.linalg.norm(e - e.mean())) for g, e in zip(got, expected)
@@ -180,7 +182,7 @@ def half_precision_error(folder: Path, device: str, jpegs: list[bytes]) -> dict[
 class Daemon:
     def __init__(self, folder: Path, socket: Path, extra: list[str], log: Path):
         self.target = f"unix://{socket}"
-        command = [sys.executable, "-m", "depthd.cli", "serve", "--model", f"bench={folder}",
+        command = [sys.executable, "-m", "depthd", "serve", "--model", f"bench={folder}",
                    "--listen", f"unix:{socket}", "--log-level", "warning", *extra]
         self.log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)

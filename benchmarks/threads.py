@@ -26,7 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MEASURE = r"""
 import sys, time, torch
 from transformers import AutoModelForDepthEstimation
-from depthd.preprocess import Preprocessing
 torch.set_num_threads(int(sys.argv[2]))
 model = AutoModelForDepthEstimation.from_pretrained(sys.argv[1]).eval()
 x = torch.randn(1, 3, int(sys.argv[4]), int(sys.argv[5]))
@@ -71,7 +70,7 @@ def main() -> int:
     parser.add_argument("--size", default="518x686", help="HxW of the input tensor (default 518x686: a 640x480 frame)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    from depthd import synthetic
+    from depthd.engine import synthetic
 
     scratch = Path(tempfile.mkdtemp(prefix="depthd-threads-"))
     models = args.model or [
@@ -91,9 +90,11 @@ def main() -> int:
                     rows.append({"model": Path(model).name, "size": list(size), "busy": busy, "threads": threads,
                                  "policy": policy, "ms": ms})
                     print(f"| {Path(model).name} | {busy} | {threads} | {policy} | {ms:.1f} |", flush=True)
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split() if Path("/proc/cpuinfo").exists() else []
-    result = {"cpu": platform.processor() or next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), ""),
-              "cores": os.cpu_count(), "flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2"))), "rows": rows}
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    result = {"cpu": model or platform.processor(), "cores": os.cpu_count(),
+              "flags": sorted(f for f in flags if f.startswith(("avx512", "amx", "avx2"))), "rows": rows}
     if args.json:
         path = Path(args.json)
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []

@@ -1,8 +1,10 @@
-"""One typed settings object, from the YAML file, then `DEPTHD_*` environment, then flags.
+"""The one typed settings model, read from the YAML file, then `DEPTHD_*` environment, then flags.
 
-Everything is validated on load; an error names the key, where its value came from
-and what is allowed. Nothing here reads configuration at import time: `load_settings`
-is handed the file, the environment and the flags explicitly.
+Each setting is defined once, in the dataclass field that holds it: its default, its
+documentation and its check (the `setting(...)` metadata). Validation walks the fields,
+so a new setting is one field here. An error names the key, where its value came from
+and what is allowed. Nothing reads configuration at import time: `load_settings` is
+handed the file, the environment and the flags explicitly.
 """
 
 from __future__ import annotations
@@ -11,98 +13,211 @@ import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
-
+from typing import Any, Callable, Mapping
 
 from depthd_client import MAX_MESSAGE_BYTES_CEILING
 
 MIB = 1024 * 1024
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEMO_MODEL = "demo"
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+"""`auto`: float16 on CUDA, float32 on CPU."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or out of range; the message says which and where from."""
 
 
+class Problem(ValueError):
+    """What is wrong with one value; the validator adds the key and where the value came from."""
+
+
+# --- checks: each turns a raw value (YAML, environment text) into the setting's value, or says why not
+
+
+Check = Callable[[Any], Any]
+
+
+def whole(low: int, high: int) -> Check:
+    def check(value: Any) -> int:
+        try:
+            number = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is None or not low <= number <= high:
+            raise Problem(f"must be a whole number from {low} to {high}, got {value!r}")
+        return number
+
+    return check
+
+
+def number(low: float, high: float) -> Check:
+    def check(value: Any) -> float:
+        try:
+            result = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            result = None
+        if result is None or not low <= result <= high:
+            raise Problem(f"must be a number from {low:g} to {high:g}, got {value!r}")
+        return result
+
+    return check
+
+
+def flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return value.lower() in ("true", "yes", "on", "1")
+    raise Problem(f"must be true or false, got {value!r}")
+
+
+def one_of(*allowed: str) -> Check:
+    def check(value: Any) -> str:
+        text = str(value).lower() if value is not None else None
+        if text not in allowed:
+            raise Problem(f"must be one of {', '.join(allowed)}, got {value!r}")
+        return text
+
+    return check
+
+
+def device(value: Any) -> str:
+    if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
+        raise Problem(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def name(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Problem("is required (a non-empty string)")
+    if not NAME_PATTERN.match(value):
+        raise Problem(f"must be 1-64 of letters, digits, '.', '_', '-', got {value!r}")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Problem("is required (a non-empty string)")
+    return value
+
+
+def optional(check: Check) -> Check:
+    """None (the setting left to its default behaviour), or what `check` accepts."""
+
+    def maybe(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return maybe
+
+
+def sizes(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise Problem("must be a list of [height, width] pairs")
+    side = whole(16, 16384)
+    out = []
+    for pair in value:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise Problem(f"must be a list of [height, width] pairs, got {pair!r}")
+        out.append((side(pair[0]), side(pair[1])))
+    return tuple(out)
+
+
+REQUIRED = dataclasses.MISSING
+
+
+def setting(default: Any, check: Check, *, settable: bool = True) -> Any:
+    """A settings field: its default and its check. `settable=False`: set by depthd, never by a file."""
+    return field(default=default, metadata={"check": check, "settable": settable})
+
+
+# --- the settings ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    name: str
-    source: str
-    device: str | None = None
+    """One model to serve, and how: the pool and the engine read these fields, nothing copies them."""
+
+    name: str = setting(REQUIRED, name)
+    """What clients call it (EstimateRequest.model)."""
+    source: str = setting(REQUIRED, text)
+    """A hub id, or a folder with config.json, preprocessor_config.json and the weights."""
+    device: str | None = setting(None, optional(device))
     """None: the daemon's `device`."""
-    dtype: str | None = None
+    dtype: str | None = setting(None, optional(one_of(*DTYPES)))
     """None: the daemon's `dtype`."""
-    warmup_sizes: tuple[tuple[int, int], ...] = ((480, 640),)
+    warmup_sizes: tuple[tuple[int, int], ...] = setting(((480, 640),), sizes)
     """(height, width) of the frames to expect; each is run once before the model is ready."""
-    max_batch: int | None = None
+    max_batch: int | None = setting(None, optional(whole(1, 256)))
     """Most frames in one forward pass; None: 1 on CPU (a batch is no faster per frame there), 8 on CUDA."""
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = setting(2.0, number(0, 1000))
     """Longest a frame waits for others to share its forward pass."""
-    max_queue: int = 64
+    max_queue: int = setting(64, whole(1, 100_000))
     """Most frames waiting for this model; more are refused with RESOURCE_EXHAUSTED."""
-    max_queue_bytes: int = 512 * MIB
+    max_queue_bytes: int = setting(512 * MIB, whole(MIB, 2**48))
     """Bytes this model's frames may hold in the daemon: request bytes, decoded pixels and
     input tensors waiting, and replies not yet sent; more are refused with RESOURCE_EXHAUSTED."""
-    max_processed_side: int | None = None
+    max_processed_side: int | None = setting(None, optional(whole(32, 16384)))
     """Longest side a frame is processed at; larger ones are scaled down within it, keeping their
     aspect ratio. None: twice the checkpoint's own size (1036 for Depth Anything's 518)."""
-    flip_augmentation: bool | None = None
+    flip_augmentation: bool | None = setting(None, optional(flag))
     """Average with the mirrored frame's map; None: the architecture's default (ZoeDepth: on)."""
-    attention: str | None = None
-    """"sdpa" or "eager"; None: transformers' default (SDPA where the architecture has it)."""
-    channels_last: bool = True
+    attention: str | None = setting(None, optional(one_of("sdpa", "eager")))
+    """None: transformers' default (SDPA where the architecture has it)."""
+    channels_last: bool = setting(True, flag)
     """NHWC input and weights for the convolutions (measured faster on CPU: docs/performance.md)."""
-    compile: bool = False
+    compile: bool = setting(False, flag)
     """torch.compile the forward pass (slow first calls; warm-up pays for the warm-up sizes)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool = setting(False, flag)
     """CUDA only: torch.compile with CUDA graphs for the warm-up sizes."""
-    demo: bool = False
+    demo: bool = setting(False, flag, settable=False)
     """Random weights: marked as such in ListModels and the log (set for the demo model only)."""
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_message_bytes: int = 64 * MIB
+    max_message_bytes: int = setting(64 * MIB, whole(1024, MAX_MESSAGE_BYTES_CEILING))
     """Largest request accepted (a raw 4K RGB frame is 25 MB) and largest reply sent (map, points and
     visualization together, checked before any work); larger ones get RESOURCE_EXHAUSTED."""
-    max_input_pixels: int = 40_000_000
+    max_input_pixels: int = setting(40_000_000, whole(256, 10**9))
     """Largest frame, width x height, checked from the image header before decoding."""
-    max_output_side: int = 8192
+    max_output_side: int = setting(8192, whole(16, 65535))
     """Largest width or height of a depth map, asked for or derived from the input's size."""
-    stream_window: int = 4
+    stream_window: int = setting(4, whole(1, 256))
     """Frames of one stream accepted ahead of their responses; beyond it the stream is not read."""
-    max_pending_bytes: int = 1024 * MIB
+    max_pending_bytes: int = setting(1024 * MIB, whole(MIB, 2**48))
     """Bytes all models' frames may hold in the daemon together (see ModelSettings.max_queue_bytes)."""
-    transport_window_bytes: int = 64 * 1024
+    transport_window_bytes: int = setting(64 * 1024, whole(16 * 1024, 64 * MIB))
     """HTTP/2 flow-control window of each stream, fixed: what a sender can push beyond the frames
     the daemon has accepted. gRPC would otherwise grow it (BDP probing) to megabytes."""
-    max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs: int = setting(256, whole(1, 100_000))
     """Calls in progress at once, streams included; more get RESOURCE_EXHAUSTED."""
-    max_connection_idle_s: float = 300.0
+    max_connection_idle_s: float = setting(300.0, number(1, 86400))
     """A connection with no call for this long is closed (clients reconnect transparently)."""
 
 
 @dataclass(frozen=True)
 class Settings:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    """host:port or unix:/path addresses."""
     models: tuple[ModelSettings, ...] = ()
     default_model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    log_level: str = "info"
-    log_format: str = "text"
-    drain_grace_s: float = 10.0
-    decode_threads: int = 2
-    """Threads that decode and pre-process frames while the models run."""
-    torch_threads: int = 0
+    """None: the first model."""
+    device: str = setting("auto", device)
+    dtype: str = setting("auto", one_of(*DTYPES))
+    log_level: str = setting("info", one_of(*LOG_LEVELS))
+    log_format: str = setting("text", one_of(*LOG_FORMATS))
+    drain_grace_s: float = setting(10.0, number(0, 3600))
+    """On SIGTERM, how long the frames received get to be answered."""
+    decode_threads: int = setting(2, whole(1, 64))
+    """Threads that decode and pre-process frames, and encode pictures, while the models run."""
+    torch_threads: int = setting(0, whole(0, 1024))
     """Threads torch's CPU kernels use; 0: torch's default (one per core)."""
-    demo: bool = False
+    demo: bool = setting(False, flag)
     """Also serve DEMO_MODEL, a tiny random-weight Depth Anything built at start-up (smoke tests)."""
     limits: Limits = field(default_factory=Limits)
 
@@ -115,26 +230,25 @@ class Settings:
         demo = ModelSettings(DEMO_MODEL, str(folder), warmup_sizes=((240, 320),), demo=True)
         return dataclasses.replace(self, models=self.models + (demo,))
 
-    def device_for(self, model: ModelSettings) -> str:
-        return model.device or self.device
+    def resolved(self, model: ModelSettings) -> ModelSettings:
+        """`model` with the daemon's device and dtype where it sets none of its own."""
+        return dataclasses.replace(model, device=model.device or self.device, dtype=model.dtype or self.dtype)
 
-    def dtype_for(self, model: ModelSettings) -> str:
-        return model.dtype or self.dtype
+
+def _checked(cls: type) -> list[dataclasses.Field]:
+    return [f for f in fields(cls) if "check" in f.metadata]
+
+
+def _settable(cls: type) -> set[str]:
+    return {f.name for f in _checked(cls) if f.metadata["settable"]}
 
 
 # --- sources: file, environment, flags -------------------------------------------------------
 
 _ENV_SCALARS = {
+    **{f"DEPTHD_{f.name.upper()}": f.name for f in _checked(Settings)},
+    **{f"DEPTHD_{f.name.upper()}": f"limits.{f.name}" for f in _checked(Limits)},
     "DEPTHD_DEFAULT_MODEL": "default_model",
-    "DEPTHD_DEVICE": "device",
-    "DEPTHD_DTYPE": "dtype",
-    "DEPTHD_LOG_LEVEL": "log_level",
-    "DEPTHD_LOG_FORMAT": "log_format",
-    "DEPTHD_DRAIN_GRACE_S": "drain_grace_s",
-    "DEPTHD_DECODE_THREADS": "decode_threads",
-    "DEPTHD_TORCH_THREADS": "torch_threads",
-    "DEPTHD_DEMO": "demo",
-    **{f"DEPTHD_{f.name.upper()}": f"limits.{f.name}" for f in fields(Limits)},
 }
 
 
@@ -177,11 +291,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        text = path.read_text()
+        content = path.read_text()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read ({error.strerror})") from error
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.safe_load(content)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if loaded is None:
@@ -199,8 +313,8 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         data["models"] = [model_from_argument(m.strip()) for m in environ["DEPTHD_MODELS"].split(",") if m.strip()]
     for variable, key in _ENV_SCALARS.items():
         if environ.get(variable, "") != "":
-            section, _, name = key.rpartition(".")
-            (data.setdefault(section, {}) if section else data)[name] = environ[variable]
+            section, _, key_name = key.rpartition(".")
+            (data.setdefault(section, {}) if section else data)[key_name] = environ[variable]
     return data
 
 
@@ -220,7 +334,7 @@ def _merge(data: dict, origin: dict, layer: Mapping[str, Any], where: str) -> No
 # --- validation ------------------------------------------------------------------------------
 
 
-class _Checker:
+class _Validator:
     def __init__(self, origin: dict[str, str]):
         self.origin = origin
 
@@ -229,82 +343,45 @@ class _Checker:
         where = self.origin.get(key) or self.origin.get(top)
         return ConfigError(f"{key}{f' (from {where})' if where else ''}: {problem}")
 
-    def integer(self, key: str, value: Any, low: int, high: int) -> int:
-        try:
-            number = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not low <= number <= high:
-            raise self.fail(key, f"must be a whole number from {low} to {high}, got {value!r}")
-        return number
-
-    def number(self, key: str, value: Any, low: float, high: float) -> float:
-        try:
-            number = float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not low <= number <= high:
-            raise self.fail(key, f"must be a number from {low:g} to {high:g}, got {value!r}")
-        return number
-
-    def boolean(self, key: str, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise self.fail(key, f"must be true or false, got {value!r}")
-
-    def choice(self, key: str, value: Any, allowed: tuple[str, ...]) -> str:
-        text = str(value).lower() if value is not None else None
-        if text not in allowed:
-            raise self.fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
-        return text
-
-    def device(self, key: str, value: Any) -> str:
-        if not isinstance(value, str) or not DEVICE_PATTERN.match(value):
-            raise self.fail(key, f"must be auto, cpu, cuda or cuda:N, got {value!r}")
-        return value
-
-    def known_keys(self, key_prefix: str, given: dict, allowed: set[str]) -> None:
+    def section(self, cls: type, given: Any, prefix: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Every checked field of `cls` from `given`: its value, checked, or its default."""
+        if not isinstance(given, dict):
+            raise self.fail(prefix.rstrip(".") or "settings", "must be a mapping")
+        allowed = _settable(cls) | set(skip)
         for key in given:
             if key not in allowed:
-                raise self.fail(f"{key_prefix}{key}", f"unknown setting; known: {', '.join(sorted(allowed))}")
+                raise self.fail(f"{prefix}{key}", f"unknown setting; known: {', '.join(sorted(allowed))}")
+        values = {}
+        for f in _checked(cls):
+            if not f.metadata["settable"]:
+                continue
+            if f.name not in given and f.default is REQUIRED:
+                raise self.fail(f"{prefix}{f.name}", "is required (a non-empty string)")
+            try:
+                values[f.name] = f.metadata["check"](given.get(f.name, f.default))
+            except Problem as problem:
+                raise self.fail(f"{prefix}{f.name}", str(problem)) from None
+        return values
 
 
 def _validate(data: dict[str, Any], origin: dict[str, str]) -> Settings:
-    check = _Checker(origin)
-    top_keys = {f.name for f in fields(Settings)}
-    check.known_keys("", data, top_keys)
-    defaults = Settings()
-    listen = data.get("listen", list(defaults.listen))
+    check = _Validator(origin)
+    top = check.section(Settings, data, "", skip=("listen", "models", "default_model", "limits"))
+    listen = data.get("listen", list(Settings.listen))
     if isinstance(listen, str):
         listen = [listen]
     if not isinstance(listen, list) or not listen:
         raise check.fail("listen", "must be a list of addresses (host:port or unix:/path)")
     listen = tuple(_address(check, f"listen[{i}]", a) for i, a in enumerate(listen))
-    limits = _limits(check, data.get("limits", {}))
-    demo = check.boolean("demo", data.get("demo", False))
-    models = _models(check, data.get("models", []), demo)
+    limits = Limits(**check.section(Limits, data.get("limits", {}), "limits."))
+    models = _models(check, data.get("models", []), top["demo"])
     default_model = data.get("default_model")
     if default_model is not None and default_model not in {m.name for m in models}:
         raise check.fail("default_model", f"{default_model!r} is not among the models ({', '.join(m.name for m in models)})")
-    return Settings(
-        listen=listen,
-        models=models,
-        default_model=default_model,
-        device=check.device("device", data.get("device", defaults.device)),
-        dtype=check.choice("dtype", data.get("dtype", defaults.dtype), DTYPES),
-        log_level=check.choice("log_level", data.get("log_level", defaults.log_level), LOG_LEVELS),
-        log_format=check.choice("log_format", data.get("log_format", defaults.log_format), LOG_FORMATS),
-        drain_grace_s=check.number("drain_grace_s", data.get("drain_grace_s", defaults.drain_grace_s), 0, 3600),
-        decode_threads=check.integer("decode_threads", data.get("decode_threads", defaults.decode_threads), 1, 64),
-        torch_threads=check.integer("torch_threads", data.get("torch_threads", defaults.torch_threads), 0, 1024),
-        demo=demo,
-        limits=limits,
-    )
+    return Settings(listen=listen, models=models, default_model=default_model, limits=limits, **top)
 
 
-def _address(check: _Checker, key: str, value: Any) -> str:
+def _address(check: _Validator, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise check.fail(key, f"must be host:port or unix:/path, got {value!r}")
     if value.startswith("unix:"):
@@ -318,78 +395,14 @@ def _address(check: _Checker, key: str, value: Any) -> str:
     return value
 
 
-def _limits(check: _Checker, given: Any) -> Limits:
-    if not isinstance(given, dict):
-        raise check.fail("limits", "must be a mapping")
-    check.known_keys("limits.", given, {f.name for f in fields(Limits)})
-    d = Limits()
-    return Limits(
-        max_message_bytes=check.integer(
-            "limits.max_message_bytes", given.get("max_message_bytes", d.max_message_bytes), 1024, MAX_MESSAGE_BYTES_CEILING
-        ),
-        max_input_pixels=check.integer("limits.max_input_pixels", given.get("max_input_pixels", d.max_input_pixels), 256, 10**9),
-        max_output_side=check.integer("limits.max_output_side", given.get("max_output_side", d.max_output_side), 16, 65535),
-        stream_window=check.integer("limits.stream_window", given.get("stream_window", d.stream_window), 1, 256),
-        max_pending_bytes=check.integer(
-            "limits.max_pending_bytes", given.get("max_pending_bytes", d.max_pending_bytes), MIB, 2**48
-        ),
-        transport_window_bytes=check.integer(
-            "limits.transport_window_bytes", given.get("transport_window_bytes", d.transport_window_bytes),
-            16 * 1024, 64 * MIB,
-        ),
-        max_concurrent_rpcs=check.integer(
-            "limits.max_concurrent_rpcs", given.get("max_concurrent_rpcs", d.max_concurrent_rpcs), 1, 100_000
-        ),
-        max_connection_idle_s=check.number(
-            "limits.max_connection_idle_s", given.get("max_connection_idle_s", d.max_connection_idle_s), 1, 86400
-        ),
-    )
-
-
-def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...]:
+def _models(check: _Validator, given: Any, demo: bool) -> tuple[ModelSettings, ...]:
     if not isinstance(given, list) or (not given and not demo):
         raise check.fail("models", "at least one model is needed (--model NAME=SOURCE, or --demo)")
-    allowed = {f.name for f in fields(ModelSettings)} - {"demo"}
     models = []
     for i, entry in enumerate(given):
-        key = f"models[{i}]"
         if not isinstance(entry, dict):
-            raise check.fail(key, "must be a mapping with at least name and source")
-        check.known_keys(f"{key}.", entry, allowed)
-        for required in ("name", "source"):
-            if not entry.get(required) or not isinstance(entry[required], str):
-                raise check.fail(f"{key}.{required}", "is required (a non-empty string)")
-        if not NAME_PATTERN.match(entry["name"]):
-            raise check.fail(f"{key}.name", f"must be 1-64 of letters, digits, '.', '_', '-', got {entry['name']!r}")
-        d = ModelSettings(entry["name"], entry["source"])
-        flip = entry.get("flip_augmentation")
-        models.append(
-            ModelSettings(
-                name=entry["name"],
-                source=entry["source"],
-                device=None if entry.get("device") is None else check.device(f"{key}.device", entry["device"]),
-                dtype=None if entry.get("dtype") is None else check.choice(f"{key}.dtype", entry["dtype"], DTYPES),
-                warmup_sizes=_sizes(check, f"{key}.warmup_sizes", entry.get("warmup_sizes", d.warmup_sizes)),
-                max_batch=None if entry.get("max_batch") is None else check.integer(
-                    f"{key}.max_batch", entry["max_batch"], 1, 256
-                ),
-                max_wait_ms=check.number(f"{key}.max_wait_ms", entry.get("max_wait_ms", d.max_wait_ms), 0, 1000),
-                max_queue=check.integer(f"{key}.max_queue", entry.get("max_queue", d.max_queue), 1, 100_000),
-                max_queue_bytes=check.integer(
-                    f"{key}.max_queue_bytes", entry.get("max_queue_bytes", d.max_queue_bytes), MIB, 2**48
-                ),
-                max_processed_side=None if entry.get("max_processed_side") is None else check.integer(
-                    f"{key}.max_processed_side", entry["max_processed_side"], 32, 16384
-                ),
-                flip_augmentation=None if flip is None else check.boolean(f"{key}.flip_augmentation", flip),
-                attention=None if entry.get("attention") is None else check.choice(
-                    f"{key}.attention", entry["attention"], ("sdpa", "eager")
-                ),
-                channels_last=check.boolean(f"{key}.channels_last", entry.get("channels_last", d.channels_last)),
-                compile=check.boolean(f"{key}.compile", entry.get("compile", False)),
-                cuda_graphs=check.boolean(f"{key}.cuda_graphs", entry.get("cuda_graphs", False)),
-            )
-        )
+            raise check.fail(f"models[{i}]", "must be a mapping with at least name and source")
+        models.append(ModelSettings(**check.section(ModelSettings, entry, f"models[{i}].")))
     names = [m.name for m in models]
     if demo and DEMO_MODEL in names:
         raise check.fail("models", f"{DEMO_MODEL!r} is the demo model's name; give this model another")
@@ -397,14 +410,3 @@ def _models(check: _Checker, given: Any, demo: bool) -> tuple[ModelSettings, ...
     if duplicates:
         raise check.fail("models", f"names must be unique; repeated: {', '.join(duplicates)}")
     return tuple(models)
-
-
-def _sizes(check: _Checker, key: str, value: Any) -> tuple[tuple[int, int], ...]:
-    if not isinstance(value, (list, tuple)):
-        raise check.fail(key, "must be a list of [height, width] pairs")
-    sizes = []
-    for i, pair in enumerate(value):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise check.fail(f"{key}[{i}]", f"must be [height, width], got {pair!r}")
-        sizes.append((check.integer(f"{key}[{i}][0]", pair[0], 16, 16384), check.integer(f"{key}[{i}][1]", pair[1], 16, 16384)))
-    return tuple(sizes)

@@ -51,7 +51,6 @@ class ModelLoadError(DepthdError):
     def __init__(self, model: str, source: str, cause: str):
         self.model = model
         self.source = source
-        self.cause = cause
         super().__init__(f"cannot load model {model!r} from {source!r}: {cause}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from depthd import synthetic  # noqa: E402
+from depthd.engine import synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ import threading
 import time
 
 from depthd.config import Settings
-from depthd.pool import ModelPool
-from depthd.server import DepthDaemon
+from depthd.ops.daemon import Daemon
+from depthd.serving.pool import ModelPool
 
 
 class GatedPool(ModelPool):
@@ -24,11 +24,11 @@ class GatedPool(ModelPool):
         return super().load(*args, **kwargs)
 
 
-class RunningDaemon:
-    """`DepthDaemon` on its own event-loop thread; `address` is the bound host:port."""
+class DaemonThread:
+    """A `Daemon` on its own event-loop thread; `address` is the bound host:port."""
 
     def __init__(self, settings: Settings, pool: ModelPool | None = None, notifier=None):
-        self.daemon = DepthDaemon(settings, pool, notifier)
+        self.daemon = Daemon(settings, pool, notifier)
         self.exit_code: int | None = None
         self._started = threading.Event()
         self._addresses: list[str] = []
@@ -112,3 +112,8 @@ class Gate:
         with self._condition:
             self._open = True
             self._condition.notify_all()
+
+
+def queue(daemon: DaemonThread, model: str):
+    """What the daemon's pool reports of `model` now: its public status (queue depth and readiness, counts)."""
+    return next(status for status in daemon.daemon.pool.models() if status.name == model)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from depthd import engine
+from depthd.engine import engine
 
 HANG_WIDTH, SLOW_WIDTH, BUSY_WIDTH = 99, 98, 97
 _infer = engine.DepthEngine.infer
@@ -35,6 +35,6 @@ def infer(self, prepared, specs):
 engine.DepthEngine.infer = infer
 
 if __name__ == "__main__":
-    from depthd.cli import main
+    from depthd.ops.cli import main
 
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon import RunningDaemon
+from daemon import DaemonThread
 from PIL import Image
 from scenes import scene
 
@@ -40,7 +40,7 @@ def test_depthd_serve_process_with_a_config_the_demo_and_json_logs(tiny_models, 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DEPTHD_DEMO": "true"}
     env.pop("OMP_WAIT_POLICY", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "depthd.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "depthd", "serve", "--config", str(config)],
         env=env, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -66,7 +66,7 @@ def test_depthd_serve_process_with_a_config_the_demo_and_json_logs(tiny_models, 
 
 def test_depthd_serve_exits_with_the_reason_a_model_cannot_load(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "depthd.cli", "serve", "--model", f"cam={tmp_path / 'missing'}",
+        [sys.executable, "-m", "depthd", "serve", "--model", f"cam={tmp_path / 'missing'}",
          "--listen", f"unix:{tmp_path / 's.sock'}"],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120,
     )
@@ -85,7 +85,7 @@ def daemon(tiny_models):
         ),
         limits=Limits(),
     )
-    running = RunningDaemon(settings)
+    running = DaemonThread(settings)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
     yield running

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from depthd.cli import main as depthd_main
 from depthd.config import ConfigError, load_settings, model_from_argument
+from depthd.ops.cli import main as depthd_main
 
 CONFIG = """\
 listen: ["127.0.0.1:6000", "unix:/run/depthd/depthd.sock"]
@@ -36,13 +36,13 @@ def test_file_then_environment_then_flags(config_file):
     from_file = load_settings(config_file, {}, {})
     assert from_file.listen == ("127.0.0.1:6000", "unix:/run/depthd/depthd.sock")
     assert [m.name for m in from_file.models] == ["small", "zoe"] and from_file.default == "zoe"
-    assert from_file.device_for(from_file.models[0]) == "cuda:1"  # a model's own device wins over the file's
+    assert from_file.resolved(from_file.models[0]).device == "cuda:1"  # a model's own device wins over the file's
     assert from_file.models[0].warmup_sizes == ((480, 640), (720, 1280))
     assert from_file.limits.max_input_pixels == 2_000_000 and from_file.limits.stream_window == 4
 
     environment = {"DEPTHD_DEVICE": "cuda:0", "DEPTHD_MAX_INPUT_PIXELS": "3000000", "DEPTHD_LOG_LEVEL": "debug"}
     with_env = load_settings(config_file, environment, {})
-    assert with_env.device_for(with_env.models[0]) == "cuda:0"  # start-up device overrides every model's
+    assert with_env.resolved(with_env.models[0]).device == "cuda:0"  # start-up device overrides every model's
     assert with_env.limits.max_input_pixels == 3_000_000 and with_env.log_level == "debug"
 
     flags = {"device": "cpu", "models": [model_from_argument("cam=/models/cam")], "listen": ["0.0.0.0:7000"]}
@@ -60,7 +60,8 @@ def test_a_bare_source_names_itself():
 @pytest.mark.parametrize(
     "text, environment, message",
     [
-        ("models: [{name: a, source: b, max_batch: 0}]", {}, r"models\[0\]\.max_batch \(from .*\): must be a whole number from 1 to 256, got 0"),
+        ("models: [{name: a, source: b, max_batch: 0}]", {},
+         r"models\[0\]\.max_batch \(from .*\): must be a whole number from 1 to 256, got 0"),
         ("models: [{name: a, source: b, devcie: cpu}]", {}, r"models\[0\]\.devcie .*: unknown setting; known: .*device, dtype"),
         ("models: [{name: a}]", {}, r"models\[0\]\.source .*: is required"),
         ("models: [{name: a, source: b}, {name: a, source: c}]", {}, "names must be unique; repeated: a"),

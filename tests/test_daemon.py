@@ -6,19 +6,17 @@ import io
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
-from daemon import GatedPool, RunningDaemon
+from daemon import DaemonThread, GatedPool, wait_for
 from PIL import Image
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
 from depthd.domain import Frame, OutputSpec
-from depthd.engine import DepthEngine
-from depthd.server import pool_from_settings
+from depthd.engine.engine import DepthEngine
 from depthd_client import DepthClient, DepthdError, StreamFrame
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
@@ -39,7 +37,7 @@ def settings_for(tiny_models, **model_overrides) -> Settings:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_models):
-    running = RunningDaemon(settings_for(tiny_models))
+    running = DaemonThread(settings_for(tiny_models))
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
     yield running
@@ -62,7 +60,8 @@ def test_unary_raw_and_encoded_frames_give_the_engines_depth(client, tiny_models
     pixels = scene(120, 90)
     raw = client.estimate(pixels, frame_id=7, timestamp_ns=123456789)
     encoded = client.estimate(png_bytes(pixels))
-    expected = DepthEngine.load("x", str(tiny_models["depth_anything"])).estimate([Frame(pixels)], [OutputSpec()])[0]
+    engine = DepthEngine.load(ModelSettings("x", str(tiny_models["depth_anything"])))
+    expected = engine.estimate([Frame(pixels)], [OutputSpec()])[0]
 
     assert (raw.frame_id, raw.timestamp_ns, raw.model) == (7, 123456789, "rel")
     assert raw.kind == "relative_disparity" and raw.depth.dtype == np.float32 and raw.depth.shape == (90, 120)
@@ -181,8 +180,8 @@ def test_list_models(client):
 
 def test_health_is_not_serving_until_every_model_is_warm(tiny_models):
     settings = settings_for(tiny_models)
-    pool = GatedPool(pool_from_settings(settings).specs, default="rel")
-    running = RunningDaemon(settings, pool)
+    pool = GatedPool(settings)
+    running = DaemonThread(settings, pool)
     try:
         with DepthClient(running.address, timeout=10) as client:
             assert client.health() == "NOT_SERVING"
@@ -201,16 +200,8 @@ def test_health_is_not_serving_until_every_model_is_warm(tiny_models):
         assert running.stop() == 0
 
 
-def _wait_for(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def test_a_cancelled_stream_frees_its_queued_frames(tiny_models):
-    running = RunningDaemon(settings_for(tiny_models, max_batch=1))
+    running = DaemonThread(settings_for(tiny_models, max_batch=1))
     entered, release = threading.Event(), threading.Event()
     try:
         with DepthClient(running.address) as client:
@@ -225,21 +216,24 @@ def test_a_cancelled_stream_frees_its_queued_frames(tiny_models):
                 return forward(*args, **kwargs)
 
             model.forward = blocking_forward
-            runner = pool._runners["rel"]
             with grpc.insecure_channel(running.address) as channel:
                 requests = [_raw_request(frame_id=i) for i in range(3)]
                 call = depth_pb2_grpc.DepthEstimatorStub(channel).EstimateStream(iter(requests))
                 assert entered.wait(30)
-                _wait_for(lambda: runner.pending == 1, what="the next frame to queue (stream_window=2)")
+                wait_for(lambda: rel(client).queue_depth == 1, "the next frame to queue (stream_window=2)")
                 call.cancel()
                 release.set()
-                _wait_for(lambda: runner.pending == 0 and not runner.lanes, what="the queue to empty")
+                wait_for(lambda: rel(client).queue_depth == 0 and rel(client).bytes_held == 0, "the queue to empty")
             model.forward = forward
-            assert runner.frames_total == 1, "frames of a cancelled stream were computed"
+            assert rel(client).frames_total == 1, "frames of a cancelled stream were computed"
             assert client.estimate(scene(64, 48)).ok
     finally:
         release.set()
         running.stop()
+
+
+def rel(client: DepthClient):
+    return next(m for m in client.models() if m.name == "rel")
 
 
 def test_the_client_package_works_without_torch(daemon):

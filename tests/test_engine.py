@@ -11,21 +11,22 @@ import pytest
 import torch
 from scenes import scene
 
+from depthd.config import ModelSettings, Settings
 from depthd.domain import DepthEncoding, DepthKind, Frame, OutputSpec, PixelFormat
-from depthd.encode import visualize
-from depthd.engine import DepthEngine, EngineOptions
+from depthd.engine.encode import visualize
+from depthd.engine.engine import DepthEngine
 from depthd.errors import InvalidArgument, ModelLoadError, NotFound, Unavailable, UnsupportedArchitecture
-from depthd.pool import ModelPool, ModelSpec
+from depthd.serving.pool import ModelPool
 
 
 @pytest.fixture(scope="module")
 def relative(tiny_models) -> DepthEngine:
-    return DepthEngine.load("relative", str(tiny_models["depth_anything"]))
+    return DepthEngine.load(ModelSettings("relative", str(tiny_models["depth_anything"])))
 
 
 @pytest.fixture(scope="module")
 def metric(tiny_models) -> DepthEngine:
-    return DepthEngine.load("metric", str(tiny_models["depth_anything_metric"]))
+    return DepthEngine.load(ModelSettings("metric", str(tiny_models["depth_anything_metric"])))
 
 
 def test_millimetres_refused_for_a_relative_model(relative):
@@ -72,7 +73,7 @@ def test_requested_output_size(relative):
 
 
 def test_a_batch_gives_what_single_frames_give(tiny_models):
-    engine = DepthEngine.load("zoe", str(tiny_models["zoedepth"]))
+    engine = DepthEngine.load(ModelSettings("zoe", str(tiny_models["zoedepth"])))
     frames = [Frame(scene(80, 64, seed=1)), Frame(scene(80, 64, seed=2)), Frame(scene(64, 96, seed=3))]
     specs = [OutputSpec(), OutputSpec(width=40, height=32), OutputSpec()]
     batched = engine.estimate(frames, specs)
@@ -86,15 +87,15 @@ def test_a_batch_gives_what_single_frames_give(tiny_models):
 def test_speed_knobs_keep_the_numbers(tiny_models, architecture):
     frame = Frame(scene(90, 60))
     source = str(tiny_models[architecture])
-    expected = DepthEngine.load("plain", source).estimate([frame], [OutputSpec()])[0].depth
-    for options in (EngineOptions(attention="eager", channels_last=False), EngineOptions(attention="sdpa")):
-        got = DepthEngine.load("tuned", source, options).estimate([frame], [OutputSpec()])[0].depth
+    expected = DepthEngine.load(ModelSettings("plain", source)).estimate([frame], [OutputSpec()])[0].depth
+    for options in ({"attention": "eager", "channels_last": False}, {"attention": "sdpa"}):
+        got = DepthEngine.load(ModelSettings("tuned", source, **options)).estimate([frame], [OutputSpec()])[0].depth
         assert np.linalg.norm(got - expected) / np.linalg.norm(expected - expected.mean()) < 1e-4, options
 
 
 def test_cuda_graphs_are_refused_off_cuda(tiny_models):
     with pytest.raises(ModelLoadError, match="cuda_graphs: needs a CUDA device"):
-        DepthEngine.load("graphs", str(tiny_models["dpt"]), EngineOptions(device="cpu", cuda_graphs=True))
+        DepthEngine.load(ModelSettings("graphs", str(tiny_models["dpt"]), device="cpu", cuda_graphs=True))
 
 
 def test_pixel_formats_are_converted_on_the_device(relative):
@@ -121,13 +122,13 @@ def test_depth_pro_without_its_field_of_view_head_is_relative(tiny_models, tmp_p
     config = json.loads((folder / "config.json").read_text())
     config["use_fov_model"] = False
     (folder / "config.json").write_text(json.dumps(config))
-    result = DepthEngine.load("pro", str(folder)).estimate([Frame(scene(64, 64))], [OutputSpec()])[0]
+    result = DepthEngine.load(ModelSettings("pro", str(folder))).estimate([Frame(scene(64, 64))], [OutputSpec()])[0]
     assert result.kind is DepthKind.RELATIVE_DEPTH
     assert result.field_of_view is None
 
 
 def test_depth_pro_reports_its_field_of_view(tiny_models):
-    result = DepthEngine.load("pro", str(tiny_models["depth_pro"])).estimate(
+    result = DepthEngine.load(ModelSettings("pro", str(tiny_models["depth_pro"]))).estimate(
         [Frame(scene(200, 100))], [OutputSpec(width=100)]
     )[0]
     assert 40 < result.field_of_view < 70
@@ -163,7 +164,7 @@ def _truncate(path):
 def test_broken_checkpoints_say_what_is_wrong(tiny_models, tmp_path, breakage, message):
     folder = _broken_copy(tiny_models, tmp_path, breakage)
     with pytest.raises(ModelLoadError, match=message) as caught:
-        DepthEngine.load("cam", folder)
+        DepthEngine.load(ModelSettings("cam", folder))
     assert caught.value.model == "cam" and folder in str(caught.value)
 
 
@@ -173,7 +174,7 @@ def test_unknown_architecture_is_refused_by_name(tmp_path):
     ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                         intermediate_size=16, image_size=32)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match=r"architecture 'vit' is not supported; supported: dpt \(DPT\)"):
-        DepthEngine.load("vit", str(tmp_path))
+        DepthEngine.load(ModelSettings("vit", str(tmp_path)))
 
 
 def test_a_non_depth_head_of_a_supported_type_is_refused(tiny_models, tmp_path):
@@ -182,7 +183,7 @@ def test_a_non_depth_head_of_a_supported_type_is_refused(tiny_models, tmp_path):
     config["architectures"] = ["GLPNForImageClassification"]
     (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedArchitecture, match="is a GLPNForImageClassification, not a depth-estimation model"):
-        DepthEngine.load("glpn", folder)
+        DepthEngine.load(ModelSettings("glpn", folder))
 
 
 @pytest.mark.parametrize("other", ["dpt", "depth_anything"])
@@ -190,25 +191,25 @@ def test_weights_of_another_model_are_refused(tiny_models, tmp_path, other):
     copy_weights = lambda f: shutil.copy(tiny_models[other] / "model.safetensors", f)  # noqa: E731
     folder = _broken_copy(tiny_models, tmp_path, copy_weights)
     with pytest.raises(ModelLoadError, match="the weights do not match the config"):
-        DepthEngine.load("glpn", folder)
+        DepthEngine.load(ModelSettings("glpn", folder))
 
 
 def test_missing_sources_say_how_to_run_offline():
     with pytest.raises(ModelLoadError, match="no such folder"):
-        DepthEngine.load("cam", "/nonexistent/model")
+        DepthEngine.load(ModelSettings("cam", "/nonexistent/model"))
     with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE=1 with the model already in the Hugging Face cache"):
-        DepthEngine.load("cam", "depthd-tests/no-such-model")
+        DepthEngine.load(ModelSettings("cam", "depthd-tests/no-such-model"))
 
 
 # --- the pool: load, warm, hand out ---------------------------------------------------------
 
 
 def test_pool_warms_every_configured_size_before_it_is_ready(tiny_models, caplog):
-    pool = ModelPool(
-        [ModelSpec("small", str(tiny_models["glpn"]), warmup_sizes=((48, 64), (96, 128))),
-         ModelSpec("zoe", str(tiny_models["zoedepth"]), warmup_sizes=((48, 64),))],
-        default="zoe",
-    )
+    pool = ModelPool(Settings(
+        models=(ModelSettings("small", str(tiny_models["glpn"]), warmup_sizes=((48, 64), (96, 128))),
+                ModelSettings("zoe", str(tiny_models["zoedepth"]), warmup_sizes=((48, 64),))),
+        default_model="zoe",
+    ))
     with pytest.raises(Unavailable, match="still loading"):
         pool.engine("small")
     progress = []
@@ -230,9 +231,9 @@ def test_a_compiled_model_is_warmed_at_every_batch_size_it_may_run(tiny_models, 
     warmed = []
     monkeypatch.setattr(DepthEngine, "warmup", lambda self, sizes, batch=1: warmed.append((sizes, batch)))
     sizes = ((48, 64),)
-    compiled = ModelSpec("compiled", str(tiny_models["glpn"]), EngineOptions(compile=True), sizes, max_batch=3)
-    plain = ModelSpec("plain", str(tiny_models["glpn"]), EngineOptions(), sizes, max_batch=3)
-    pool = ModelPool([compiled, plain])
+    compiled = ModelSettings("compiled", str(tiny_models["glpn"]), compile=True, warmup_sizes=sizes, max_batch=3)
+    plain = ModelSettings("plain", str(tiny_models["glpn"]), warmup_sizes=sizes, max_batch=3)
+    pool = ModelPool(Settings(models=(compiled, plain)))
     pool.load()
     pool.close()
     assert warmed == [(sizes, 1), (sizes, 2), (sizes, 3), (sizes, 1)]
@@ -250,8 +251,9 @@ def test_a_hub_id_loads_offline_from_a_prefilled_cache(tiny_models, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     code = (
-        "from depthd.engine import DepthEngine\n"
-        "engine = DepthEngine.load('cam', 'depthd-tests/tiny-glpn')\n"
+        "from depthd.config import ModelSettings\n"
+        "from depthd.engine.engine import DepthEngine\n"
+        "engine = DepthEngine.load(ModelSettings('cam', 'depthd-tests/tiny-glpn'))\n"
         "print(engine.checkpoint.architecture.model_type, engine.kind.value)\n"
     )
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from scenes import scene
 
+from depthd.config import ModelSettings
 from depthd.domain import DepthKind, Frame, OutputSpec
-from depthd.engine import DepthEngine
-from depthd.synthetic import TINY
+from depthd.engine.engine import DepthEngine
+from depthd.engine.synthetic import TINY
 
 IMAGES = {"landscape": (640, 480), "portrait": (360, 480), "odd": (375, 500)}
 TOLERANCE = 0.02
@@ -139,7 +140,7 @@ def reference(architecture: str, folder: str, image: Image.Image, monkeypatch) -
 
 @lru_cache(maxsize=None)
 def _engine(folder: str) -> DepthEngine:
-    return DepthEngine.load("m", folder)
+    return DepthEngine.load(ModelSettings("m", folder))
 
 
 def relative_error(got: np.ndarray, ref: np.ndarray) -> float:

@@ -19,13 +19,13 @@ import zlib
 import grpc
 import numpy as np
 import pytest
-from daemon import Gate, RunningDaemon, wait_for
+from daemon import DaemonThread, Gate, wait_for
 from PIL import Image
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
 from depthd.domain import Frame, OutputSpec
-from depthd.engine import DepthEngine
+from depthd.engine.engine import DepthEngine
 from depthd_client import DepthClient, DepthdError, StreamFrame
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
@@ -54,7 +54,7 @@ def daemon(tiny_models):
         ),
         limits=LIMITS,
     )
-    running = RunningDaemon(settings)
+    running = DaemonThread(settings)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
     running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in ("rel", "fair")}
@@ -119,12 +119,12 @@ SHAPES = [(480, 640), (6000, 518), (518, 6000), (16, 1200), (1200, 16), (20000, 
 
 @pytest.mark.parametrize("architecture", ["depth_anything", "zoedepth", "glpn", "dpt", "depth_pro"])
 def test_every_frame_is_processed_within_the_size_cap(tiny_models, architecture):
-    engine = DepthEngine.load("capped", str(tiny_models[architecture]))
-    preprocessing = engine.checkpoint.preprocessing
-    cap, multiple = engine.max_processed_side, preprocessing.multiple
+    engine = DepthEngine.load(ModelSettings("capped", str(tiny_models[architecture])))
+    cap, multiple = engine.max_processed_side, engine.recipe.cap.multiple
+    fixed = engine.recipe.config.size if not engine.recipe.config.keep_aspect_ratio else None
     for height, width in SHAPES:
         processed = engine.processed_size(height, width)
-        assert max(processed) <= max(cap, *(preprocessing.size or (0,))), (height, width, processed)
+        assert max(processed) <= max(cap, *(fixed or (0,))), (height, width, processed)
         assert min(processed) >= multiple and all(side % multiple == 0 for side in processed), (height, width, processed)
     for height, width in [(6000, 518), (16, 1200), (1200, 16)]:
         result = engine.estimate([Frame(scene(width, height))], [OutputSpec(width=64)])[0]
@@ -192,7 +192,7 @@ def test_the_client_takes_the_largest_map_a_daemon_may_be_set_to_send(tiny_model
     settings = Settings(listen=("127.0.0.1:0",), models=(
         ModelSettings("rel", str(tiny_models["depth_anything"]), warmup_sizes=SMALL, max_queue_bytes=2048 * MIB),),
         limits=Limits(max_message_bytes=300 * MIB, max_pending_bytes=2048 * MIB))
-    running = RunningDaemon(settings)
+    running = DaemonThread(settings)
     try:
         with DepthClient(running.address, timeout=120) as client:
             client.wait_until_serving(60)
@@ -392,7 +392,7 @@ def test_a_failed_frame_names_the_model_that_would_have_answered(client):
 
 
 def test_a_reader_that_fails_ends_the_stream_instead_of_hanging_it(daemon, client, monkeypatch):
-    service = daemon.daemon.daemon.service
+    service = daemon.daemon.server.servicer
     monkeypatch.setattr(service, "_submit", lambda *args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(DepthdError) as caught:
         list(client.stream([scene(64, 48)], timeout=20))
@@ -400,10 +400,10 @@ def test_a_reader_that_fails_ends_the_stream_instead_of_hanging_it(daemon, clien
 
 
 def test_a_latest_frame_dropped_while_it_decodes_is_dropped_quietly(daemon, client, monkeypatch, caplog):
-    import depthd.pool
+    import depthd.serving.pool
 
     gate, decoding, release = daemon.gates["rel"], threading.Event(), threading.Event()
-    real_decode = depthd.pool.decode
+    real_decode = depthd.serving.pool.decode
 
     def slow_decode(source, *args):
         if getattr(source, "data", b"") == b"slow and broken":
@@ -411,7 +411,7 @@ def test_a_latest_frame_dropped_while_it_decodes_is_dropped_quietly(daemon, clie
             release.wait(30)
         return real_decode(source, *args)
 
-    monkeypatch.setattr(depthd.pool, "decode", slow_decode)
+    monkeypatch.setattr(depthd.serving.pool, "decode", slow_decode)
     gate.shut()
 
     def camera():

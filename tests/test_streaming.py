@@ -12,7 +12,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from daemon import Gate, RunningDaemon, wait_for
+from daemon import DaemonThread, Gate, queue, wait_for
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
@@ -34,7 +34,7 @@ def daemon(tiny_models):
         ),
         limits=Limits(stream_window=WINDOW),
     )
-    running = RunningDaemon(settings)
+    running = DaemonThread(settings)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
     running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in ("batched", "solo", "tight")}
@@ -62,7 +62,7 @@ def in_thread(function, *args) -> tuple[threading.Thread, list]:
 
 
 def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(daemon, client):
-    gate, runner = daemon.gates["batched"], daemon.daemon.pool._runners["batched"]
+    gate = daemon.gates["batched"]
     before = model_info(client, "batched").batch_sizes
     gate.shut()
     first, first_result = in_thread(lambda: list(client.stream([scene(96, 64, seed=9)], model="batched")))
@@ -71,7 +71,7 @@ def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(da
     # share a pass, the portrait one (another processed size) must not join them.
     frames = [scene(96, 64, seed=1), scene(96, 64, seed=2), scene(64, 96, seed=3)]
     streams = [in_thread(lambda f=f: list(client.stream([f], model="batched"))) for f in frames]
-    wait_for(lambda: runner.ready == 3, "three frames waiting for the model")
+    wait_for(lambda: queue(daemon, "batched").queue_ready == 3, "three frames waiting for the model")
     gate.release()
     for thread, _ in [(first, first_result), *streams]:
         thread.join(30)
@@ -90,7 +90,7 @@ def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(da
 
 
 def test_a_frame_that_breaks_the_forward_pass_fails_alone(daemon, client):
-    gate, runner = daemon.gates["batched"], daemon.daemon.pool._runners["batched"]
+    gate = daemon.gates["batched"]
     gate.flat_frames_fail = True
     gate.shut()
     try:
@@ -99,7 +99,7 @@ def test_a_frame_that_breaks_the_forward_pass_fails_alone(daemon, client):
         good_frames = [scene(96, 64, seed=5), scene(96, 64, seed=6)]
         good, good_box = in_thread(lambda: list(client.stream(good_frames, model="batched")))
         bad, bad_box = in_thread(lambda: list(client.stream([np.full((64, 96, 3), 128, np.uint8)], model="batched")))
-        wait_for(lambda: runner.ready == 3, "two streams' frames waiting to share a pass")
+        wait_for(lambda: queue(daemon, "batched").queue_ready == 3, "two streams' frames waiting to share a pass")
         gate.release()
         for thread in (first, good, bad):
             thread.join(30)
@@ -137,13 +137,13 @@ def test_latest_frame_wins_drops_the_waiting_frame_counts_it_and_keeps_order(dae
 
 
 def test_a_lossless_stream_faster_than_the_model_is_held_to_its_window(daemon, client):
-    gate, runner = daemon.gates["solo"], daemon.daemon.pool._runners["solo"]
+    gate = daemon.gates["solo"]
     count = 30
     gate.shut()
     frames = (scene(96, 64, seed=index % 3) for index in range(count))
     thread, box = in_thread(lambda: list(client.stream(frames, model="solo")))
     assert gate.entered.wait(30)
-    wait_for(lambda: runner.pending == WINDOW - 1, "the window to fill")
+    wait_for(lambda: model_info(client, "solo").queue_depth == WINDOW - 1, "the window to fill")
     gate.release()
     thread.join(60)
     results = box[0]
@@ -156,13 +156,13 @@ def test_a_lossless_stream_faster_than_the_model_is_held_to_its_window(daemon, c
 
 
 def test_unary_calls_past_max_queue_are_refused_with_resource_exhausted(daemon, client):
-    gate, runner = daemon.gates["tight"], daemon.daemon.pool._runners["tight"]
+    gate = daemon.gates["tight"]
     gate.shut()
     ask = lambda: client.estimate(scene(96, 64), model="tight")  # noqa: E731
     calls = [in_thread(ask)]
     assert gate.entered.wait(30)
     calls += [in_thread(ask) for _ in range(TIGHT_MAX_QUEUE)]
-    wait_for(lambda: runner.pending == TIGHT_MAX_QUEUE, "the queue to fill")
+    wait_for(lambda: model_info(client, "tight").queue_depth == TIGHT_MAX_QUEUE, "the queue to fill")
     with pytest.raises(DepthdError) as refused:
         ask()
     gate.release()

@@ -16,11 +16,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from daemon import wait_for
 from scenes import scene
 from slow_daemon import BUSY_WIDTH, HANG_WIDTH, SLOW_WIDTH
 
-from depthd.cli import main as depthd_main
-from depthd.systemd import Notifier
+from depthd.ops.cli import main as depthd_main
+from depthd.ops.systemd import Notifier
 from depthd_client import DepthClient, DepthdError
 
 TESTS = Path(__file__).resolve().parent
@@ -146,7 +147,7 @@ def test_sigterm_during_a_forward_pass_longer_than_the_grace_exits_0_and_answers
         with DepthClient(target, timeout=60) as client:
             call = threading.Thread(target=lambda: answers.append(_code_of(client.estimate, scene(BUSY_WIDTH, 64))))
             call.start()
-            _wait_until(lambda: client.models()[0].queue_depth == 0 and client.models()[0].bytes_held > 0,
+            wait_for(lambda: client.models()[0].queue_depth == 0 and client.models()[0].bytes_held > 0,
                         "the frame to be in its forward pass")
             signalled = time.monotonic()
             process.send_signal(signal.SIGTERM)
@@ -183,7 +184,7 @@ def test_connections_past_the_open_file_limit_are_said_in_the_log(tiny_models, t
         for connection in idle:
             connection.close()
         with DepthClient(target, timeout=30) as client:
-            _wait_until(lambda: _served(client), "a client to be served again once the idle connections are gone")
+            wait_for(lambda: _served(client), "a client to be served again once the idle connections are gone")
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:
@@ -213,12 +214,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    from daemon import wait_for
-
-    wait_for(condition, what, timeout)
-
-
 def _code_of(call, *args):
     try:
         call(*args)
@@ -235,13 +230,13 @@ def _ignore_errors(call, *args):
 
 
 def test_draining_refuses_new_calls_and_answers_those_received(tiny_models):
-    from daemon import RunningDaemon
+    from daemon import DaemonThread
 
     from depthd.config import ModelSettings, Settings
 
     settings = Settings(listen=("127.0.0.1:0",), models=(
         ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),), max_batch=1),))
-    running = RunningDaemon(settings)
+    running = DaemonThread(settings)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
         model = running.daemon.pool.engine().checkpoint.model
@@ -258,12 +253,9 @@ def test_draining_refuses_new_calls_and_answers_those_received(tiny_models):
 
         reader = threading.Thread(target=consume)
         reader.start()
-        deadline = time.monotonic() + 30
-        while running.daemon.pool._runners["tiny"].pending < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: client.models()[0].queue_depth >= 2, "the stream's frames to wait behind the first")
         running.daemon.request_stop()
-        while client.health() == "SERVING" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: client.health() != "SERVING", "health to leave SERVING")
         with pytest.raises(DepthdError) as caught:
             client.estimate(scene(64, 48))
         assert caught.value.code is grpc.StatusCode.UNAVAILABLE
@@ -275,7 +267,7 @@ def test_draining_refuses_new_calls_and_answers_those_received(tiny_models):
 
 
 def test_the_watchdog_outlives_a_failure_to_judge_the_workers(tiny_models, tmp_path):
-    from daemon import RunningDaemon
+    from daemon import DaemonThread
 
     from depthd.config import ModelSettings, Settings
 
@@ -283,7 +275,7 @@ def test_the_watchdog_outlives_a_failure_to_judge_the_workers(tiny_models, tmp_p
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "600000"})
     settings = Settings(listen=("127.0.0.1:0",), models=(
         ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),)),))
-    running = RunningDaemon(settings, notifier=notifier)
+    running = DaemonThread(settings, notifier=notifier)
     try:
         notifications.wait_for("READY=1", timeout=60)
         pool, judged = running.daemon.pool, []
@@ -305,14 +297,14 @@ def test_the_watchdog_outlives_a_failure_to_judge_the_workers(tiny_models, tmp_p
 def test_stopping_leaves_the_event_loop_free_while_the_workers_stop(tiny_models):
     import asyncio
 
-    from daemon import RunningDaemon
+    from daemon import DaemonThread
 
     from depthd.config import ModelSettings, Settings
-    from depthd.server import pool_from_settings
+    from depthd.serving.pool import ModelPool
 
     closing, release = threading.Event(), threading.Event()
 
-    class SlowToClose(type(pool_from_settings(Settings(models=(ModelSettings("x", "x"),))))):
+    class SlowToClose(ModelPool):
         def close(self, timeout=None):
             closing.set()
             release.wait(30)
@@ -320,8 +312,8 @@ def test_stopping_leaves_the_event_loop_free_while_the_workers_stop(tiny_models)
 
     settings = Settings(listen=("127.0.0.1:0",), models=(
         ModelSettings("tiny", str(tiny_models["depth_anything"]), warmup_sizes=((48, 64),)),))
-    pool = SlowToClose(pool_from_settings(settings).specs)
-    running = RunningDaemon(settings, pool)
+    pool = SlowToClose(settings)
+    running = DaemonThread(settings, pool)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
     stopping = threading.Thread(target=running.stop)

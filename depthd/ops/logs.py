@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import time
 
 
@@ -46,30 +45,3 @@ def configure(level: str = "info", style: str = "text") -> None:
     except ImportError:
         pass
 
-
-class RateLimited:
-    """At most `per_minute` lines a minute through `logger`, then one line saying how many were left
-    out: for events a client can cause at will, so that one client cannot flood the journal."""
-
-    def __init__(self, logger: logging.Logger, level: int, per_minute: int):
-        self._logger = logger
-        self._level = level
-        self._per_minute = per_minute
-        self._lock = threading.Lock()
-        self._window = float("-inf")
-        self._count = 0
-        self._skipped = 0
-
-    def log(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window >= 60:
-                skipped, self._skipped = self._skipped, 0
-                self._window, self._count = now, 0
-                if skipped:
-                    self._logger.log(self._level, "%d more like the lines above were not logged in the last minute", skipped)
-            if self._count >= self._per_minute:
-                self._skipped += 1
-                return
-            self._count += 1
-        self._logger.log(self._level, message, *args)

@@ -409,11 +409,11 @@ def parameter_count(folder: str | Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m depthd.synthetic NAME FOLDER`: write a random-weight checkpoint for benchmarks."""
+    """`python -m depthd.engine.synthetic NAME FOLDER`: write a random-weight checkpoint for benchmarks."""
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m depthd.synthetic",
+        prog="python -m depthd.engine.synthetic",
         description="Build a random-weight depth checkpoint (for benchmarks and tests; its depth means nothing).",
     )
     parser.add_argument("name", choices=sorted({**TINY, **REAL}))

@@ -16,7 +16,7 @@ UINT16_MAX = 65535
 
 
 @dataclass
-class Encoded:
+class EncodedMap:
     """One frame's outputs, still on the device."""
 
     depth: torch.Tensor
@@ -31,7 +31,7 @@ def encode(
     encoding: DepthEncoding,
     visualization: bool,
     lut: torch.Tensor | None,
-) -> Encoded:
+) -> EncodedMap:
     """A float32 (H, W) map -> the encoded map, its min/max, and the optional 8-bit visualization."""
     finite = torch.isfinite(depth)
     safe = torch.where(finite, depth, torch.zeros((), device=depth.device, dtype=depth.dtype))
@@ -46,7 +46,7 @@ def encode(
     else:
         out = depth
     vis = visualize(safe, lo, hi, kind, lut) if visualization else None
-    return Encoded(out, stats, vis)
+    return EncodedMap(out, stats, vis)
 
 
 def millimetres(metres: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Frames in and pictures out: decode JPEG/PNG/WebP/BMP/TIFF or wrap raw buffers, encode PNGs.
+"""Frames in and pictures out, on the pool's threads: decode JPEG/PNG/WebP/BMP/TIFF or wrap raw buffers, encode PNGs.
 
 Decoding refuses what would hurt the daemon before it allocates: the pixel count is
 read from the file's header and checked against the limit before any pixel is
@@ -23,14 +23,14 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
-class Encoded:
+class EncodedImage:
     """A compressed image file's bytes."""
 
     data: bytes
 
 
 @dataclass(frozen=True)
-class Raw:
+class RawImage:
     """An uncompressed buffer: `height` rows of `width` pixels in `pixel_format`, no padding."""
 
     width: int
@@ -39,7 +39,7 @@ class Raw:
     data: bytes
 
 
-ImageSource = Encoded | Raw
+ImageSource = EncodedImage | RawImage
 
 
 Admit = Callable[[int, int, int], None]
@@ -49,12 +49,12 @@ before any pixel is decoded: it raises to refuse the frame (an output or memory 
 
 def decode(source: ImageSource, max_input_pixels: int, admit: Admit | None = None) -> Frame:
     """The frame's pixels, or a DepthdError saying why not: every decoder failure is the request's fault."""
-    if isinstance(source, Raw):
+    if isinstance(source, RawImage):
         return _wrap(source, max_input_pixels, admit)
     return _decode(source.data, max_input_pixels, admit)
 
 
-def _wrap(raw: Raw, max_input_pixels: int, admit: Admit | None) -> Frame:
+def _wrap(raw: RawImage, max_input_pixels: int, admit: Admit | None) -> Frame:
     if raw.pixel_format is None:
         raise InvalidArgument(
             "image.raw.format: must be set to one of " + ", ".join(f"PIXEL_FORMAT_{f.name}" for f in PixelFormat)

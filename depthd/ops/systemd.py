@@ -51,11 +51,6 @@ class Notifier:
     def stopping(self, status: str) -> None:
         self.notify("STOPPING=1", f"STATUS={status}")
 
-    def close(self) -> None:
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-
 
 def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
     usec = environ.get("WATCHDOG_USEC", "")

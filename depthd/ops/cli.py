@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from depthd import __version__
-from depthd.config import DEMO_MODEL, ConfigError, Settings, load_settings, model_from_argument
+from depthd.config import DEMO_MODEL, DTYPES, ConfigError, Settings, load_settings, model_from_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a hub id or folder to serve, optionally named; repeatable; the first is the default")
     serve.add_argument("--default", metavar="NAME", help="the model served when a request names none")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N, for every model (default auto)")
-    serve.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+    serve.add_argument("--dtype", choices=DTYPES,
                        help="for every model (default auto: float16 on CUDA, float32 on CPU)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
@@ -73,14 +73,14 @@ def _serve(args: argparse.Namespace) -> int:
     # measured, beside one busy process, 2.67 s a forward pass spinning, 2.08 s sleeping
     # (Depth Anything V2 Small, 2 cores; docs/performance.md), and 2% slower on an idle machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from depthd import logs
-    from depthd.server import serve
+    from depthd.ops import logs
+    from depthd.ops.daemon import serve
 
     logs.configure(settings.log_level, settings.log_format)
     scratch = None
     try:
         if settings.demo:
-            from depthd import synthetic
+            from depthd.engine import synthetic
 
             scratch = Path(tempfile.mkdtemp(prefix="depthd-demo-"))
             settings = settings.with_demo_model(synthetic.build("depth_anything", scratch / DEMO_MODEL))
@@ -111,10 +111,10 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.file}: valid")
     print(f"  listen: {', '.join(settings.listen)}")
-    for m in settings.models:
+    for m in map(settings.resolved, settings.models):
         default = " (default)" if m.name == settings.default else ""
-        print(f"  model {m.name}{default}: {m.source} on {settings.device_for(m)}, {settings.dtype_for(m)}, "
-              f"batch <= {m.max_batch}, warm-up {', '.join(f'{w}x{h}' for h, w in m.warmup_sizes)}")
+        print(f"  model {m.name}{default}: {m.source} on {m.device}, {m.dtype}, "
+              f"batch <= {m.max_batch or 'the device default'}, warm-up {', '.join(f'{w}x{h}' for h, w in m.warmup_sizes)}")
     return 0
 
 
@@ -127,7 +127,7 @@ def _missing_folders(settings: Settings) -> list[str]:
 
 
 def _service(args: argparse.Namespace) -> int:
-    from depthd import install
+    from depthd.ops import install
 
     try:
         if args.command == "install-service":

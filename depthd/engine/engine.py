@@ -1,14 +1,13 @@
 """The depth engine: uint8 frames in, depth maps out, all the tensor work on the model's device.
 
-One `DepthEngine` wraps one loaded model. `estimate` takes a batch of frames of any
-sizes, groups them by processed size so that each group is one forward pass, and
-returns one `DepthResult` per frame, in order. The engine owns no threads: the pool
-decides what goes into a batch and when.
+One `DepthEngine` wraps one loaded model and its recipe. `prepare` turns frames into the
+model's input, `infer` runs the forward pass (one per processed size) and the recipe's
+post-processing and encodes each map as asked, and returns one `DepthResult` per frame, in
+order. The engine owns no threads: the pool decides what goes into a batch and when.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import warnings
@@ -19,47 +18,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from depthd import colormaps
-from depthd.checkpoints import Checkpoint, load_checkpoint
+from depthd.config import ModelSettings
 from depthd.domain import DepthEncoding, DepthKind, DepthResult, Frame, OutputSpec, PixelFormat, StageTimes
-from depthd.encode import Encoded, encode
+from depthd.engine import colormaps
+from depthd.engine.checkpoints import Checkpoint, load_checkpoint
+from depthd.engine.encode import EncodedMap, encode
+from depthd.engine.geometry import focal_length_px
+from depthd.engine.pixels import to_rgb
+from depthd.engine.plan import Plan
 from depthd.errors import InvalidArgument, ModelLoadError
-from depthd.postprocess import (
-    average_flipped,
-    depth_pro_metric,
-    focal_length_px,
-    invert_depth_pro,
-    to_output_size,
-)
-from depthd.preprocess import Plan, to_rgb
 
 logger = logging.getLogger(__name__)
 
 # Frames wrap the request's bytes read-only and are never written: torch's warning about it is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEFAULT_WARMUP_SIZES = ((480, 640),)
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    device: str = "auto"
-    """"auto" (CUDA when there is one, else CPU), "cpu", "cuda" or "cuda:N"."""
-    dtype: str = "auto"
-    """"auto" (float16 on CUDA, float32 on CPU), "float32", "float16" or "bfloat16"."""
-    flip_augmentation: bool | None = None
-    """Average each map with its mirror image's; None: the architecture's default (on for ZoeDepth)."""
-    attention: str | None = None
-    """"sdpa" or "eager" for the layers that offer a choice; None: transformers' default (SDPA where supported)."""
-    channels_last: bool = True
-    """NHWC weights and inputs for the convolutions: 6-15% faster for Depth Anything V2 Small on CPU."""
-    compile: bool = False
-    """Run the forward pass through `torch.compile`: slower warm-up, a new compile per input shape."""
-    cuda_graphs: bool = False
-    """CUDA only: compile with CUDA graphs ("reduce-overhead"), replayed for the warm-up sizes."""
-    max_processed_side: int | None = None
-    """Longest processed side; larger frames are scaled down within it. None: twice the checkpoint's size."""
 
 
 def set_torch_threads(count: int) -> None:
@@ -71,8 +43,8 @@ def cpu_threads() -> int:
     return torch.get_num_threads()
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
+def resolve_device(spec: str | None) -> torch.device:
+    if spec in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(spec)
@@ -83,19 +55,10 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    if spec == "auto":
+def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
+    if spec in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32
-    if spec not in DTYPES:
-        raise InvalidArgument(f"dtype: {spec!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[spec]
-
-
-def check_knobs(options: EngineOptions, device: torch.device) -> None:
-    if options.attention not in (None, "sdpa", "eager"):
-        raise InvalidArgument(f"attention: {options.attention!r} is not one of sdpa, eager")
-    if options.cuda_graphs and device.type != "cuda":
-        raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
+    return getattr(torch, spec)
 
 
 @dataclass
@@ -117,41 +80,44 @@ class Prepared:
     pixel_values: torch.Tensor
     """1 x C x H x W, on the model's device, in the model's dtype."""
     plan: Plan
-    input_size: tuple[int, int]
     preprocess_ms: float
 
     @property
     def processed(self) -> tuple[int, int]:
         return self.plan.processed
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.plan.input_size
+
 
 class DepthEngine:
-    def __init__(
-        self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, options: EngineOptions = EngineOptions()
-    ):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, settings: ModelSettings):
         self.checkpoint = checkpoint
+        self.recipe = checkpoint.recipe
         self.device = device
         self.dtype = dtype
-        self.options = options
-        self.flip = checkpoint.architecture.flip_by_default if options.flip_augmentation is None else options.flip_augmentation
-        self.kind: DepthKind = checkpoint.architecture.kind(checkpoint.config)
+        self.settings = settings
+        architecture = checkpoint.architecture
+        self.flip = architecture.flip_by_default if settings.flip_augmentation is None else settings.flip_augmentation
+        self.kind: DepthKind = architecture.kind(checkpoint.config)
         self._luts: dict[str, torch.Tensor | None] = {}
         self._model = self._compiled(checkpoint.model)
 
     @classmethod
-    def load(cls, name: str, source: str, options: EngineOptions = EngineOptions()) -> "DepthEngine":
+    def load(cls, settings: ModelSettings) -> "DepthEngine":
+        """Load the model `settings` describes; its device and dtype None (or "auto") mean the best there is."""
         try:
-            device = resolve_device(options.device)
-            dtype = resolve_dtype(options.dtype, device)
-            check_knobs(options, device)
+            device = resolve_device(settings.device)
+            dtype = resolve_dtype(settings.dtype, device)
+            if settings.cuda_graphs and device.type != "cuda":
+                raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
         except InvalidArgument as error:
-            raise ModelLoadError(name, source, str(error)) from error
-        checkpoint = load_checkpoint(name, source, str(device), dtype, options.attention)
-        if options.max_processed_side is not None:
-            checkpoint.preprocessing = dataclasses.replace(checkpoint.preprocessing, max_side=options.max_processed_side)
-        if options.channels_last:
+            raise ModelLoadError(settings.name, settings.source, str(error)) from error
+        checkpoint = load_checkpoint(settings, device, dtype)
+        if settings.channels_last:
             checkpoint.model.to(memory_format=torch.channels_last)
-        return cls(checkpoint, device, dtype, options)
+        return cls(checkpoint, device, dtype, settings)
 
     @property
     def name(self) -> str:
@@ -159,7 +125,7 @@ class DepthEngine:
 
     @property
     def compiled(self) -> bool:
-        return self.options.compile or self.options.cuda_graphs
+        return self.settings.compile or self.settings.cuda_graphs
 
     @property
     def prepares_concurrently(self) -> bool:
@@ -170,11 +136,11 @@ class DepthEngine:
 
     def processed_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the model sees a frame of this size at."""
-        return self.checkpoint.preprocessing.plan(height, width).processed
+        return self.recipe.plan(height, width).processed
 
     @property
     def max_processed_side(self) -> int:
-        return self.checkpoint.preprocessing.largest_side
+        return self.recipe.cap.longest
 
     def input_bytes(self, height: int, width: int) -> int:
         """What one frame's input tensor takes on the device."""
@@ -212,7 +178,6 @@ class DepthEngine:
         for index, frame in enumerate(frames):
             by_input[(frame.height, frame.width, frame.pixel_format)].append(index)
         prepared: list[Prepared | None] = [None] * len(frames)
-        preprocessing = self.checkpoint.preprocessing
         with torch.inference_mode():
             for (height, width, pixel_format), indices in by_input.items():
                 with self._stage() as took:
@@ -220,12 +185,12 @@ class DepthEngine:
                     if self.device.type == "cuda":
                         pixels = pixels.pin_memory()
                     pixels = pixels.to(self.device, non_blocking=True)
-                    plan = preprocessing.plan(height, width)
-                    values = preprocessing(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
-                    if self.options.channels_last:
+                    plan = self.recipe.plan(height, width)
+                    values = self.recipe.preprocess(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
+                    if self.settings.channels_last:
                         values = values.contiguous(memory_format=torch.channels_last)
                 for row, index in enumerate(indices):
-                    prepared[index] = Prepared(values[row : row + 1], plan, (height, width), took[0] / len(indices))
+                    prepared[index] = Prepared(values[row : row + 1], plan, took[0] / len(indices))
         return prepared
 
     def infer(self, prepared: list[Prepared], specs: list[OutputSpec]) -> list[DepthResult]:
@@ -244,7 +209,7 @@ class DepthEngine:
             result.timing = StageTimes(item.preprocess_ms, inference[0], postprocess[0], len(prepared))
         return results
 
-    def warmup(self, sizes=DEFAULT_WARMUP_SIZES, batch: int = 1) -> None:
+    def warmup(self, sizes: tuple[tuple[int, int], ...], batch: int = 1) -> None:
         """Run a forward pass at each (height, width), so that no request pays for the first one."""
         for height, width in sizes:
             y, x = np.mgrid[0:height, 0:width]
@@ -272,40 +237,34 @@ class DepthEngine:
             predicted = outputs.predicted_depth
             fov = getattr(outputs, "field_of_view", None)
             if self.flip:
-                predicted = average_flipped(predicted)
+                predicted = _average_flipped(predicted)
                 fov = None if fov is None else fov.view(2, -1).mean(0)
             groups.append(_Group(indices, predicted, None if fov is None else fov.flatten()))
         return groups
 
     def _postprocess(self, groups: list[_Group], prepared: list[Prepared], specs: list[OutputSpec]) -> dict[int, tuple]:
-        recipe = self.checkpoint.architecture.recipe
         out: dict[int, tuple] = {}
         for group in groups:
             predicted = group.predicted.float()
-            metric_pro = recipe == "depth_pro" and group.field_of_view is not None
-            if metric_pro:
-                predicted = depth_pro_metric(predicted, group.field_of_view)
             by_output: dict[tuple[Plan, tuple[int, int]], list[int]] = defaultdict(list)
             for position, index in enumerate(group.indices):
                 item = prepared[index]
                 by_output[(item.plan, specs[index].size_for(*item.input_size))].append(position)
             for (plan, out_size), positions in by_output.items():
-                depth = to_output_size(recipe, predicted[positions], plan, out_size)
-                if recipe == "depth_pro":
-                    depth = invert_depth_pro(depth)
+                fov = None if group.field_of_view is None else group.field_of_view[positions]
+                depth = self.recipe.postprocess(predicted[positions], fov, plan, out_size)
                 for row, position in enumerate(positions):
                     index = group.indices[position]
                     spec = specs[index]
-                    fov = float(group.field_of_view[position]) if metric_pro else None
                     encoded = encode(depth[row], self.kind, spec.encoding, spec.visualization, self._lut(spec.colormap))
-                    out[index] = (encoded, fov)
+                    out[index] = (encoded, None if fov is None else float(fov[row]))
         return out
 
     def _to_host(self, encoded: dict[int, tuple], specs: list[OutputSpec]) -> list[DepthResult]:
         results = []
         for index in range(len(specs)):
             item, fov = encoded[index]
-            item: Encoded
+            item: EncodedMap
             lo, hi = item.stats.cpu().tolist()
             depth = item.depth.cpu().numpy()
             vis = None if item.visualization is None else item.visualization.cpu().numpy()
@@ -326,9 +285,9 @@ class DepthEngine:
     # --- helpers ---------------------------------------------------------------------------------
 
     def _compiled(self, model):
-        if self.options.cuda_graphs:
+        if self.settings.cuda_graphs:
             return torch.compile(model, mode="reduce-overhead")
-        if self.options.compile:
+        if self.settings.compile:
             return torch.compile(model)
         return model
 
@@ -348,3 +307,9 @@ class DepthEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         box[0] = (time.perf_counter() - started) * 1000
+
+
+def _average_flipped(predicted: torch.Tensor) -> torch.Tensor:
+    """(2B, h, w) of B frames then their mirrors -> (B, h, w), each averaged with its mirror's map."""
+    half = predicted.shape[0] // 2
+    return (predicted[:half] + predicted[half:].flip(-1)) / 2

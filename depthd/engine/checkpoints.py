@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from depthd.architectures import ARCHITECTURES, Architecture, supported_names
+from depthd.config import ModelSettings
+from depthd.engine.pixels import approximation
+from depthd.engine.plan import ProcessorConfig
+from depthd.engine.recipes import ARCHITECTURES, Architecture, Recipe, supported_names
 from depthd.errors import ModelLoadError, UnsupportedArchitecture
-from depthd.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -37,33 +39,33 @@ class Checkpoint:
     architecture: Architecture
     model: Any
     config: Any
-    preprocessing: Preprocessing
-    parameters: int
+    recipe: Recipe
 
 
-def load_checkpoint(name: str, source: str, device: str, dtype: Any, attention: str | None = None) -> Checkpoint:
-    """Load `source` onto `device` in `dtype`; raises ModelLoadError with the cause.
+def load_checkpoint(settings: ModelSettings, device: Any, dtype: Any) -> Checkpoint:
+    """Load the model `settings` name onto `device` in `dtype`; raises ModelLoadError with the cause.
 
-    `attention` ("sdpa" or "eager") applies to the model and every sub-model (a
+    `settings.attention` ("sdpa" or "eager") applies to the model and every sub-model (a
     backbone) whose class offers the choice; None keeps transformers' default.
     """
     from transformers import AutoConfig
 
+    name, source = settings.name, settings.source
     local = _local_folder(name, source)
     options = {"local_files_only": True} if local else {}
     config = _guarded(name, source, "config.json", lambda: AutoConfig.from_pretrained(source, **options))
     architecture = _architecture(name, source, config)
-    preprocessing = _preprocessing(name, source, architecture, options)
-    if attention is not None:
-        options = {**options, "attn_implementation": _attention_per_config(config, attention)}
+    recipe = _recipe(settings, architecture, options)
+    if settings.attention is not None:
+        options = {**options, "attn_implementation": _attention_per_config(config, settings.attention)}
     model = _model(name, source, config, architecture, dtype, options)
     model.to(device).eval()
-    parameters = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded model=%s source=%s architecture=%s parameters=%d device=%s dtype=%s",
-        name, source, architecture.model_type, parameters, device, str(dtype).removeprefix("torch."),
+        name, source, architecture.model_type, sum(p.numel() for p in model.parameters()), device,
+        str(dtype).removeprefix("torch."),
     )
-    return Checkpoint(name, source, architecture, model, config, preprocessing, parameters)
+    return Checkpoint(name, source, architecture, model, config, recipe)
 
 
 def _attention_per_config(config: Any, attention: str) -> dict[str, str]:
@@ -113,21 +115,23 @@ def _architecture(name: str, source: str, config: Any) -> Architecture:
     return architecture
 
 
-def _preprocessing(name: str, source: str, architecture: Architecture, options: dict) -> Preprocessing:
+def _recipe(settings: ModelSettings, architecture: Architecture, options: dict) -> Recipe:
     from transformers.image_processing_base import ImageProcessingMixin
 
+    name, source = settings.name, settings.source
     saved, _ = _guarded(
         name, source, "preprocessor_config.json",
         lambda: ImageProcessingMixin.get_image_processor_dict(source, **options),
     )
-    preprocessing = Preprocessing.from_config(architecture.recipe, saved, architecture.processor_defaults)
-    problem = preprocessing.check()
-    if problem:
-        raise ModelLoadError(name, source, f"preprocessor_config.json: {problem}")
-    approximation = preprocessing.approximation()
-    if approximation:
-        logger.warning("model=%s resize is approximate: %s", name, approximation)
-    return preprocessing
+    config = ProcessorConfig.from_saved(saved, architecture.processor_defaults)
+    try:
+        recipe = architecture.recipe(config, settings.max_processed_side)
+    except ValueError as problem:
+        raise ModelLoadError(name, source, f"preprocessor_config.json: {problem}") from None
+    approximate = approximation(config)
+    if approximate:
+        logger.warning("model=%s resize is approximate: %s", name, approximate)
+    return recipe
 
 
 def _model(name: str, source: str, config: Any, architecture: Architecture, dtype: Any, options: dict) -> Any:

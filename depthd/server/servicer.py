@@ -1,16 +1,12 @@
 """The depthd.v1.DepthEstimator servicer: each RPC converts the request, calls the pool, converts back.
 
-Errors map to status codes in one place: a `DepthdError` carries the name of its code and
-is logged once, briefly and rate-limited, as the client's doing; anything else is
-INTERNAL, logged with its traceback. In a stream a frame's error becomes that frame's
-response and the stream goes on.
+Status codes come from `status` (one place). In a stream a frame's error becomes that
+frame's response and the stream goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
 from concurrent.futures import Future
@@ -19,81 +15,16 @@ from typing import AsyncIterator
 
 import grpc
 
-from depthd import convert
 from depthd.config import Limits
 from depthd.errors import DepthdError, Unavailable
-from depthd.logs import RateLimited
-from depthd.pool import Lane, ModelPool, PoolResult, release_result
+from depthd.server import convert
+from depthd.server.status import INTERNAL_MESSAGE, Calls, refusals, status_of, stream_errors, unary_errors
+from depthd.serving.batcher import Lane, PoolResult, release_result
+from depthd.serving.pool import ModelPool
 from depthd_client.v1 import depth_pb2 as pb
 from depthd_client.v1 import depth_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-INTERNAL_MESSAGE = "internal error; the daemon's log has the details"
-
-refusals = RateLimited(logger, logging.INFO, per_minute=20)
-"""Requests refused for the client's own doing: worth a line, never a flood of them."""
-
-
-def status_of(error: DepthdError) -> grpc.StatusCode:
-    return grpc.StatusCode[error.status]
-
-
-def unary_errors(method):
-    """Turn a unary method's domain errors into their status codes, and the unexpected into INTERNAL."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context: grpc.aio.ServicerContext):
-        with self.calls.active():
-            try:
-                return await method(self, request, context)
-            except DepthdError as error:
-                refusals.log("%s refused: %s %s", method.__name__, error.status, error)
-                await context.abort(status_of(error), str(error))
-            except Exception:
-                logger.exception("internal error in %s", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-
-    return wrapper
-
-
-def stream_errors(method):
-    """The same for a streaming method: per-frame errors are handled inside, the rest end the stream."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request_iterator, context: grpc.aio.ServicerContext):
-        with self.calls.active():
-            try:
-                async for response in method(self, request_iterator, context):
-                    yield response
-            except DepthdError as error:
-                refusals.log("%s ended: %s %s", method.__name__, error.status, error)
-                await context.abort(status_of(error), str(error))
-            except Exception:
-                logger.exception("internal error in %s", method.__name__)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-
-    return wrapper
-
-
-class Calls:
-    """Counts the RPCs in progress, so that a drain can wait until the last one is answered."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @contextlib.contextmanager
-    def active(self):
-        self.count += 1
-        self.idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self.idle.set()
 
 
 DROPPED_BACKLOG = 1024
@@ -213,9 +144,9 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
         self, request: pb.EstimateRequest, deadline: float | None, lane: Lane | None = None
     ) -> "Future[PoolResult]":
         source = convert.image_source(request)
-        spec = convert.output_spec(request, self.limits)
+        output = convert.output_spec(request, self.limits)
         latest_wins = lane is not None and request.latest_frame_wins
-        return self.pool.submit(request.model, source, spec, deadline, lane, latest_wins)
+        return self.pool.submit(request.model, source, output, deadline, lane, latest_wins)
 
     def _refuse_if_draining(self) -> None:
         if self.draining.is_set():

@@ -9,8 +9,9 @@ from __future__ import annotations
 from depthd.config import Limits
 from depthd.domain import DepthEncoding, DepthKind, OutputSpec, PixelFormat
 from depthd.errors import InvalidArgument
-from depthd.frames import Encoded, ImageSource, Raw
-from depthd.pool import ModelStatus, PoolResult
+from depthd.serving.batcher import PoolResult
+from depthd.serving.frames import EncodedImage, ImageSource, RawImage
+from depthd.serving.pool import ModelStatus
 from depthd_client.v1 import depth_pb2 as pb
 
 _PIXEL_FORMATS = {
@@ -41,10 +42,10 @@ _KINDS = {
 def image_source(request: pb.EstimateRequest) -> ImageSource:
     which = request.image.WhichOneof("source") if request.HasField("image") else None
     if which == "encoded":
-        return Encoded(request.image.encoded)
+        return EncodedImage(request.image.encoded)
     if which == "raw":
         raw = request.image.raw
-        return Raw(raw.width, raw.height, _PIXEL_FORMATS.get(raw.format), raw.data)
+        return RawImage(raw.width, raw.height, _PIXEL_FORMATS.get(raw.format), raw.data)
     raise InvalidArgument("image: required, as image.encoded (JPEG/PNG/WebP/BMP/TIFF bytes) or image.raw")
 
 

@@ -24,7 +24,7 @@ class InstallError(Exception):
 
 
 @dataclass(frozen=True)
-class Plan:
+class InstallPlan:
     unit_path: Path
     unit: str
     config_path: Path
@@ -36,7 +36,7 @@ class Plan:
 
 def shipped_file(name: str) -> Path:
     """A file of systemd/: from the source tree, or from `<prefix>/share/depthd` of an installed wheel."""
-    for folder in (Path(__file__).resolve().parent.parent / "systemd", Path(sys.prefix) / "share" / "depthd"):
+    for folder in (Path(__file__).resolve().parents[2] / "systemd", Path(sys.prefix) / "share" / "depthd"):
         if (folder / name).is_file():
             return folder / name
     raise InstallError(f"cannot find {name} (looked in the source tree and {Path(sys.prefix) / 'share' / 'depthd'})")
@@ -47,7 +47,7 @@ def daemon_command() -> str:
     script = Path(sys.executable).parent / "depthd"
     if script.is_file() and os.access(script, os.X_OK):
         return str(script)
-    return f"{sys.executable} -m depthd.cli"
+    return f"{sys.executable} -m depthd"
 
 
 def render_unit(template: str, command: str, runtime: list[Path]) -> tuple[str, tuple[str, ...]]:
@@ -57,7 +57,9 @@ def render_unit(template: str, command: str, runtime: list[Path]) -> tuple[str, 
     if not in_home:
         return unit, ()
     # ProtectHome=yes would hide the daemon's own files from it
-    unit = unit.replace("ProtectHome=yes", "# depthd is installed under a home directory, which it must read\nProtectHome=read-only")
+    unit = unit.replace(
+        "ProtectHome=yes", "# depthd is installed under a home directory, which it must read\nProtectHome=read-only"
+    )
     note = (
         f"{', '.join(in_home)} {'is' if len(in_home) == 1 else 'are'} under a home directory: the service's "
         "dynamic user cannot read a private home; install depthd (and its Python) in /opt/depthd instead"
@@ -65,11 +67,11 @@ def render_unit(template: str, command: str, runtime: list[Path]) -> tuple[str, 
     return unit, (note,)
 
 
-def plan(prefix: Path) -> Plan:
+def install_plan(prefix: Path) -> InstallPlan:
     runtime = [Path(sys.prefix), Path(sys.executable).resolve()]
     unit, notes = render_unit(shipped_file("depthd.service").read_text(), daemon_command(), runtime)
     config_path = prefix / CONFIG_PATH
-    return Plan(
+    return InstallPlan(
         unit_path=prefix / UNIT_PATH,
         unit=unit,
         config_path=config_path,
@@ -83,7 +85,7 @@ def install(prefix: Path = Path("/"), dry_run: bool = False, out=None) -> int:
     out = out or sys.stdout
     if not dry_run and prefix == Path("/") and os.geteuid() != 0:
         raise InstallError("writing /etc needs root: run it with sudo (or see --dry-run and --prefix)")
-    steps = plan(prefix)
+    steps = install_plan(prefix)
     if dry_run:
         print(f"# {steps.unit_path}\n{steps.unit}", file=out)
         if steps.write_config:
