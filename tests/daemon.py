@@ -114,6 +114,21 @@ class Gate:
             self._condition.notify_all()
 
 
+def in_thread(function, *args) -> tuple[threading.Thread, list]:
+    """Run `function(*args)` on a thread; the box gets its result, or the exception it raised."""
+    box: list = []
+
+    def run():
+        try:
+            box.append(function(*args))
+        except Exception as error:  # noqa: BLE001 - the test looks at what came back
+            box.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
 def queue(daemon: DaemonThread, model: str):
     """What the daemon's pool reports of `model` now: its public status (queue depth and readiness, counts)."""
     return next(status for status in daemon.daemon.pool.models() if status.name == model)

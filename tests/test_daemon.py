@@ -133,12 +133,6 @@ def test_the_client_raises_with_the_status_code(client):
     assert caught.value.code is grpc.StatusCode.NOT_FOUND
 
 
-def test_deadline_is_honoured(client):
-    with pytest.raises(DepthdError) as caught:
-        client.estimate(scene(640, 480), timeout=0.001)
-    assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
-
-
 def test_stream_answers_every_frame_in_order_and_survives_a_bad_one(client):
     frames = [
         StreamFrame(scene(96, 64, seed=1), frame_id=100, timestamp_ns=1),

@@ -65,6 +65,17 @@ def test_visualization_is_near_bright_and_constant_maps_are_black():
     assert visualize(flat, flat.min(), flat.max(), DepthKind.METRIC, None).eq(0).all()
 
 
+def test_colour_maps_are_the_published_tables():
+    from depthd.engine.colormaps import lookup_table
+
+    turbo, inferno = lookup_table("turbo"), lookup_table("inferno")
+    assert turbo.shape == inferno.shape == (256, 3) and turbo.dtype == np.uint8
+    # the ends and the middle of Turbo (Google, 2019) and of matplotlib's inferno, in 8 bits
+    assert [tuple(turbo[i]) for i in (0, 128, 255)] == [(48, 18, 59), (164, 252, 60), (122, 4, 3)]
+    assert [tuple(inferno[i]) for i in (0, 128, 255)] == [(0, 0, 4), (188, 55, 84), (252, 255, 164)]
+    assert lookup_table("gray") is None
+
+
 def test_requested_output_size(relative):
     frame = Frame(scene(120, 80))
     exact, by_width = relative.estimate([frame, frame], [OutputSpec(width=50, height=40), OutputSpec(width=60)])

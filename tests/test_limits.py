@@ -19,7 +19,7 @@ import zlib
 import grpc
 import numpy as np
 import pytest
-from daemon import DaemonThread, Gate, wait_for
+from daemon import DaemonThread, Gate, in_thread, wait_for
 from PIL import Image
 from scenes import scene
 
@@ -95,20 +95,6 @@ def refused(daemon, request: pb.EstimateRequest) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call(daemon, request)
     return caught.value
-
-
-def in_thread(function, *args) -> tuple[threading.Thread, list]:
-    box: list = []
-
-    def run():
-        try:
-            box.append(function(*args))
-        except Exception as error:  # noqa: BLE001 - the test looks at what came back
-            box.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 # --- 1. compute per frame is capped ---------------------------------------------------------

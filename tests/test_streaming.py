@@ -7,15 +7,18 @@ Nothing here asserts on time.
 
 from __future__ import annotations
 
-import threading
+import time
 
 import grpc
 import numpy as np
 import pytest
-from daemon import DaemonThread, Gate, queue, wait_for
+from daemon import DaemonThread, Gate, in_thread, queue, wait_for
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
+from depthd.domain import OutputSpec, PixelFormat
+from depthd.errors import DeadlineExceeded
+from depthd.serving.frames import RawImage
 from depthd_client import DepthClient, DepthdError
 
 WINDOW = 2
@@ -52,13 +55,6 @@ def client(daemon):
 
 def model_info(client: DepthClient, name: str):
     return next(m for m in client.models() if m.name == name)
-
-
-def in_thread(function, *args) -> tuple[threading.Thread, list]:
-    box: list = []
-    thread = threading.Thread(target=lambda: box.append(function(*args)), daemon=True)
-    thread.start()
-    return thread, box
 
 
 def test_frames_from_several_streams_share_a_forward_pass_and_match_unbatched(daemon, client):
@@ -171,3 +167,20 @@ def test_unary_calls_past_max_queue_are_refused_with_resource_exhausted(daemon, 
 
     assert refused.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue" in refused.value.details
     assert all(box and box[0].ok for _, box in calls)
+
+
+def test_a_frame_whose_deadline_passes_while_it_waits_is_not_computed(daemon, client):
+    """The pool's own deadline: checked when the batcher takes the frame, so an expired frame costs no forward pass."""
+    gate = daemon.gates["solo"]
+    before = model_info(client, "solo").frames_total
+    gate.shut()
+    busy, _ = in_thread(lambda: client.estimate(scene(96, 64), model="solo"))
+    assert gate.entered.wait(30)
+    frame = RawImage(96, 64, PixelFormat.RGB8, scene(96, 64).tobytes())
+    late = daemon.daemon.pool.submit("solo", frame, OutputSpec(), deadline=time.monotonic() - 1)
+    wait_for(lambda: queue(daemon, "solo").queue_ready == 1, "the late frame to wait behind the gate")
+    gate.release()
+    busy.join(30)
+    with pytest.raises(DeadlineExceeded):
+        late.result(timeout=30)
+    assert model_info(client, "solo").frames_total == before + 1

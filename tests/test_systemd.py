@@ -96,7 +96,8 @@ def test_ready_watchdog_and_a_drain_that_answers_every_frame(tiny_models, tmp_pa
 
         pings = [t for t, line in notifications.collect(2.6) if line == "WATCHDOG=1"]
         gaps = np.diff(pings)
-        assert len(pings) >= 4 and gaps.min() > 0.3 and gaps.max() < 0.9, gaps  # every WATCHDOG_USEC / 2
+        # every WATCHDOG_USEC / 2, and never a gap systemd would kill for (WATCHDOG_USEC)
+        assert len(pings) >= 4 and gaps.min() > 0.25 and gaps.max() < 1.0, gaps
 
         frames = [scene(SLOW_WIDTH, 64, seed=i) for i in range(6)]
         results = []
@@ -124,7 +125,7 @@ def test_a_hung_forward_pass_stops_the_pings_and_a_second_signal_exits_at_once(t
         hung_at = time.monotonic()
         pings = [t for t, line in notifications.collect(3.0) if line == "WATCHDOG=1"]
         # one ping may still be earned by the progress made before the hang; none after
-        assert all(t < hung_at + 1.0 for t in pings), [round(t - hung_at, 2) for t in pings]
+        assert all(t < hung_at + 1.5 for t in pings), [round(t - hung_at, 2) for t in pings]
 
         process.send_signal(signal.SIGTERM)
         notifications.wait_for("STOPPING=1", timeout=10)

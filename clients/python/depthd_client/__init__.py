@@ -1,19 +1,36 @@
-"""depthd's Python client: `DepthClient` for estimate/stream/models/health, and the generated stubs in `.v1`.
+"""depthd's Python client: `DepthClient` (sync) and `AsyncDepthClient` (asyncio) for
+estimate/stream/models/health, their typed options and results, and the generated stubs in `.v1`.
 
-It needs grpcio, protobuf and numpy only; never torch or transformers.
+It needs grpcio, grpcio-health-checking, protobuf and numpy only; never torch or transformers.
+Numpy frames are RGB unless `pixel_format` says otherwise.
 """
 
-from depthd_client.client import (
+from depthd_client.aio import AsyncDepthClient
+from depthd_client.client import DepthClient
+from depthd_client.messages import (
     MAX_MESSAGE_BYTES_CEILING,
-    DepthClient,
+    Colormap,
     DepthdError,
+    DepthKind,
     DepthResult,
+    Encoding,
     FrameError,
+    HealthStatus,
     ModelInfo,
+    PixelFormat,
+    RequestOptions,
     StreamFrame,
+    StreamOptions,
     Timing,
+    build_request,
+    to_image,
+    to_result,
 )
 
 __version__ = "0.1.0"
 
-__all__ = ["MAX_MESSAGE_BYTES_CEILING", "DepthClient", "DepthdError", "DepthResult", "FrameError", "ModelInfo", "StreamFrame", "Timing"]
+__all__ = [
+    "MAX_MESSAGE_BYTES_CEILING", "AsyncDepthClient", "Colormap", "DepthClient", "DepthKind", "DepthResult",
+    "DepthdError", "Encoding", "FrameError", "HealthStatus", "ModelInfo", "PixelFormat", "RequestOptions",
+    "StreamFrame", "StreamOptions", "Timing", "build_request", "to_image", "to_result",
+]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from depthd_client.client import DepthResult
+from depthd_client.messages import DepthResult, RequestOptions
 
 FORMATS = ("npy", "png16", "vis")
 SUFFIXES = {"npy": ".depth.npy", "png16": ".depth16.png", "vis": ".vis.png"}
@@ -30,7 +30,7 @@ def write(result: DepthResult, path: Path, form: str) -> None:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
 
 
-def request_options(form: str, metric: bool) -> dict:
+def request_options(form: str, metric: bool) -> RequestOptions:
     """What to ask the daemon for, to write `form`: millimetres for a metric png16."""
     if form == "png16" and metric:
         return {"encoding": "uint16_mm"}

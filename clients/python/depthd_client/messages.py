@@ -1,0 +1,469 @@
+"""What goes to depthd and what comes back, without any I/O: the request options, the result types,
+their conversion to and from the depthd.v1 and grpc.health.v1 messages, and error conversion. The
+sync client (`client.py`) and the asyncio client (`aio.py`) share all of it, and only do the calls.
+
+Each request option is defined once, in `RequestOptions` (or `StreamOptions`, the part of it that
+holds for a whole stream), and turned into the message in one place, `_output` or `_request`; both
+clients and `build_request` take it from there. Numpy frames are RGB unless `pixel_format` says otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, TypedDict, Union, get_args
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from depthd_client.v1 import depth_pb2 as pb
+
+if sys.version_info >= (3, 11):  # re-exported ("as") for the clients' signatures
+    from typing import Unpack as Unpack
+else:
+    from typing_extensions import Unpack as Unpack
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES_CEILING = 2**31 - 1
+"""The largest message gRPC can carry, and so the most a daemon's limits.max_message_bytes can be set
+to. The client receives up to it, so that whatever the daemon is allowed to send, the client takes:
+the daemon checks each reply against its own limit before any work."""
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES_CEILING),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES_CEILING),
+)
+"""The options of a channel the client opens itself, sync or asyncio."""
+
+Encoding = Literal["float32", "float16", "uint16_mm"]
+"""How depth values travel: little-endian float32, float16, or uint16 millimetres (metric models only)."""
+PixelFormat = Literal["rgb8", "bgr8", "rgba8", "bgra8", "gray8"]
+"""The channel order of a raw (numpy or buffer) frame; alpha is ignored."""
+Colormap = Literal["gray", "turbo", "inferno"]
+"""The colours of the visualization PNG; the daemon's default is gray."""
+DepthKind = Literal["metric", "relative_disparity", "relative_depth"]
+"""What depth values mean: metres; inverse depth up to scale and shift (larger is nearer);
+depth up to scale (larger is farther)."""
+HealthStatus = Literal["SERVING", "NOT_SERVING", "SERVICE_UNKNOWN", "UNKNOWN"]
+"""A status of the standard grpc.health.v1 service."""
+
+ImageLike = Any
+"""A path (str or Path), encoded file bytes (JPEG, PNG, WebP, BMP, TIFF), an HxW or HxWxC uint8
+numpy array (RGB unless `pixel_format` says otherwise), or a PIL image."""
+
+
+class StreamOptions(TypedDict, total=False):
+    """The options that hold for every frame of a stream, and for a single request.
+    Leave one out for the daemon's default."""
+
+    model: str
+    """A name from `models()`; the daemon's default model if left out."""
+    encoding: Encoding
+    """Of the returned depth map; float32 if left out."""
+    width: int
+    """Of the depth map; the input's (or kept to its aspect ratio if height is given) if left out."""
+    height: int
+    """Of the depth map; the input's (or kept to its aspect ratio if width is given) if left out."""
+    visualization: bool
+    """Also return an 8-bit PNG of the map, near = bright."""
+    colormap: Colormap
+    """Of the visualization."""
+    pixel_format: PixelFormat
+    """Of a numpy frame: rgb8 (3 channels), rgba8 (4) or gray8 (2-D) if left out."""
+
+
+class RequestOptions(StreamOptions, total=False):
+    """The options of one request: those of `StreamOptions`, and the frame's own id and capture time,
+    both echoed in the result. In a stream a frame carries these in its `StreamFrame`."""
+
+    frame_id: int
+    timestamp_ns: int
+
+
+class DepthdError(Exception):
+    """An RPC failed. `code` is the grpc.StatusCode, `details` the daemon's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> DepthdError:
+        """The error of a failed call, sync or asyncio (`grpc.aio.AioRpcError` is a `grpc.RpcError`)."""
+        return cls(error.code(), error.details() or "")
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """Around a call, sync or asyncio: a failed RPC raises DepthdError with its status code."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise DepthdError.from_rpc(error) from None
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float
+    preprocess_ms: float
+    inference_ms: float
+    postprocess_ms: float
+    total_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class FrameError:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
+class DepthResult:
+    """One frame's answer. `depth` is HxW (float32, float16 or uint16 millimetres), None if the frame
+    failed or was dropped. `kind` says what the values mean: "metric" (metres), "relative_disparity"
+    (larger is nearer) or "relative_depth" (larger is farther); "" when there is no map."""
+
+    frame_id: int
+    timestamp_ns: int
+    model: str
+    depth: np.ndarray | None
+    kind: DepthKind | Literal[""]
+    min: float
+    max: float
+    timing: Timing | None
+    visualization_png: bytes | None = None
+    field_of_view_deg: float | None = None
+    focal_length_px: float | None = None
+    dropped: bool = False
+    """A latest_frame_wins stream skipped this frame for a newer one."""
+    error: FrameError | None = None
+    stream_dropped: int = 0
+    """Streams: frames of this stream dropped so far, when this result was sent."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.dropped
+
+    def raise_for_error(self) -> DepthResult:
+        if self.error is not None:
+            raise DepthdError(self.error.code, self.error.message)
+        return self
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    source: str
+    architecture: str
+    kind: DepthKind | Literal[""]
+    device: str
+    dtype: str
+    is_default: bool
+    ready: bool
+    demo: bool
+    note: str
+    frames_total: int
+    frames_dropped: int
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    """Forward passes run per batch size since start: {frames in the pass: passes}."""
+    max_batch: int = 0
+    queue_peak: int = 0
+    """The most frames waiting for this model at once since start."""
+    max_processed_side: int = 0
+    """Frames are processed at most this large (long side, pixels); larger ones are scaled down."""
+    max_queue_bytes: int = 0
+    bytes_held: int = 0
+    """Bytes this model's frames and unsent replies hold in the daemon now, against max_queue_bytes."""
+    bytes_peak: int = 0
+    queue_depth: int = 0
+    """Frames waiting for the model now."""
+
+
+@dataclass(frozen=True)
+class StreamFrame:
+    """A frame for `stream` with its own id, capture time or pixel format; a plain image gets its
+    index in the stream, the time it is sent, and the stream's pixel format. Numpy frames are RGB
+    unless `pixel_format` says otherwise. Every field but `image` is a `RequestOptions` key, and
+    overrides the stream's options for this frame."""
+
+    image: ImageLike
+    frame_id: int | None = None
+    timestamp_ns: int | None = None
+    pixel_format: PixelFormat | None = None
+
+
+Frames = Union[Iterable[Union[ImageLike, StreamFrame]], AsyncIterable[Union[ImageLike, StreamFrame]]]
+"""What `stream` takes: images or `StreamFrame`s, from a sync iterable (and, for the asyncio client,
+an async one)."""
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+_ENCODINGS = {name: pb.DepthEncoding.Value(f"DEPTH_ENCODING_{name.upper()}") for name in get_args(Encoding)}
+_FORMATS = {name: pb.PixelFormat.Value(f"PIXEL_FORMAT_{name.upper()}") for name in get_args(PixelFormat)}
+_PIL_FORMATS: dict[str, PixelFormat] = {"RGB": "rgb8", "RGBA": "rgba8", "L": "gray8"}
+_FORMATS_BY_CHANNELS: dict[int, tuple[PixelFormat, ...]] = {1: ("gray8",), 3: ("rgb8", "bgr8"), 4: ("rgba8", "bgra8")}
+_STREAM_KEYS = StreamOptions.__required_keys__ | StreamOptions.__optional_keys__
+_REQUEST_KEYS = RequestOptions.__required_keys__ | RequestOptions.__optional_keys__
+
+
+def build_request(image: ImageLike, **options: Unpack[RequestOptions]) -> pb.EstimateRequest:
+    """The EstimateRequest for one image (see `ImageLike`; numpy frames are RGB unless `pixel_format`
+    says otherwise). An unknown option is a TypeError, a bad value a ValueError."""
+    return make_request(image, options, "build_request")
+
+
+def make_request(image: ImageLike, options: RequestOptions, caller: str) -> pb.EstimateRequest:
+    """`build_request`, with the name of the function that took the options for its errors."""
+    check_options(options, caller)
+    return _request(image, options, _output(options))
+
+
+def check_options(options: Mapping[str, object], caller: str, *, stream: bool = False) -> None:
+    """TypeError naming an unknown option, as Python names an unexpected keyword argument."""
+    allowed = _STREAM_KEYS if stream else _REQUEST_KEYS
+    for name in options:
+        if name not in allowed:
+            hint = "; a stream's frame carries it in its StreamFrame" if name in _REQUEST_KEYS else ""
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
+    pixel_format = options.get("pixel_format")
+    if pixel_format is not None and str(pixel_format).lower() not in _FORMATS:
+        raise ValueError(f"pixel_format must be one of {', '.join(_FORMATS)}, got {pixel_format!r}")
+
+
+def _output(options: StreamOptions) -> pb.OutputOptions:
+    """The output options of a request, or of every request of a stream."""
+    encoding = options.get("encoding", "float32")
+    if encoding not in _ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(_ENCODINGS)}, got {encoding!r}")
+    return pb.OutputOptions(
+        encoding=_ENCODINGS[encoding],
+        width=options.get("width", 0),
+        height=options.get("height", 0),
+        visualization=options.get("visualization", False),
+        colormap=options.get("colormap", ""),
+    )
+
+
+def _request(image: ImageLike, options: RequestOptions, output: pb.OutputOptions) -> pb.EstimateRequest:
+    return pb.EstimateRequest(
+        model=options.get("model", ""),
+        image=to_image(image, options.get("pixel_format")),
+        frame_id=options.get("frame_id", 0),
+        timestamp_ns=options.get("timestamp_ns", 0),
+        output=output,
+    )
+
+
+class StreamRequests:
+    """The request side of one stream. The stream's options are checked, and its output options built,
+    once, when the stream is opened; each frame's request adds the frame's own (`StreamFrame`).
+
+    A frame that cannot be sent, or a frame source that raises, ends the requests there: the daemon
+    answers the frames before it, and then `reading` raises that error, the same exception in the sync
+    and the asyncio client (gRPC itself would log it and cancel the call, with a different code in each).
+    """
+
+    _FRAME_OPTIONS = tuple(f.name for f in fields(StreamFrame) if f.name != "image")
+
+    def __init__(self, options: StreamOptions, latest_frame_wins: bool):
+        check_options(options, "stream", stream=True)
+        self._options = options
+        self._output = _output(options)
+        self._latest_frame_wins = latest_frame_wins
+        self._sent = 0
+        self._error: Exception | None = None
+
+    def request(self, item: ImageLike | StreamFrame) -> pb.EstimateRequest:
+        frame = item if isinstance(item, StreamFrame) else StreamFrame(item)
+        options: dict[str, Any] = dict(self._options)
+        options.update((name, value) for name in self._FRAME_OPTIONS if (value := getattr(frame, name)) is not None)
+        options.setdefault("frame_id", self._sent)
+        if "timestamp_ns" not in options:
+            options["timestamp_ns"] = time.time_ns()
+        request = _request(frame.image, options, self._output)  # type: ignore[arg-type]
+        request.latest_frame_wins = self._latest_frame_wins
+        self._sent += 1
+        return request
+
+    def from_iterable(self, frames: Iterable[ImageLike | StreamFrame]) -> Iterator[pb.EstimateRequest]:
+        try:
+            for item in frames:
+                yield self.request(item)
+        except Exception as error:
+            self._error = error
+
+    async def from_any(self, frames: Frames) -> AsyncIterator[pb.EstimateRequest]:
+        try:
+            if isinstance(frames, AsyncIterable):
+                async for item in frames:
+                    yield self.request(item)
+            else:
+                for item in frames:
+                    yield self.request(item)
+        except Exception as error:
+            self._error = error
+
+    @contextmanager
+    def reading(self, call: Any) -> Iterator[None]:
+        """Around reading the stream's responses, sync or asyncio: a failed RPC raises DepthdError, the
+        error that ended the requests is raised after the last response, and leaving early (or failing)
+        cancels the call."""
+        try:
+            with rpc_errors():
+                yield
+            if self._error is not None:
+                raise self._error
+        finally:
+            call.cancel()
+
+
+def to_image(image: ImageLike, pixel_format: PixelFormat | None = None) -> pb.Image:
+    """A path, file bytes, a numpy uint8 array (RGB unless `pixel_format` says otherwise) or a PIL
+    image -> the Image message."""
+    if isinstance(image, (str, Path)):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return pb.Image(encoded=bytes(image))
+    if type(image).__module__.startswith("PIL."):
+        if image.mode not in ("RGB", "RGBA", "L"):
+            image = image.convert("RGB")
+        pixel_format = _PIL_FORMATS[image.mode]
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray):
+        return pb.Image(raw=_raw(image, pixel_format))
+    raise TypeError(f"cannot send a {type(image).__name__}: give a path, bytes, a numpy uint8 array or a PIL image")
+
+
+def _raw(array: np.ndarray, pixel_format: str | None) -> pb.RawImage:
+    if array.dtype != np.uint8:
+        raise ValueError(f"a raw frame must be uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    channels = 1 if array.ndim == 2 else array.shape[2] if array.ndim == 3 else 0
+    allowed = _FORMATS_BY_CHANNELS.get(channels, ())
+    name = (pixel_format or (allowed[0] if allowed else "")).lower()
+    if name not in allowed:
+        raise ValueError(f"an array of shape {array.shape} cannot be sent as {pixel_format or 'a frame'}")
+    return pb.RawImage(
+        width=array.shape[1], height=array.shape[0], format=_FORMATS[name], data=np.ascontiguousarray(array).tobytes()
+    )
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+_KIND_NAMES: dict[int, DepthKind] = {pb.DepthKind.Value(f"DEPTH_KIND_{name.upper()}"): name for name in get_args(DepthKind)}
+_DTYPES = {pb.DEPTH_ENCODING_UNSPECIFIED: np.dtype("<f4")} | {
+    _ENCODINGS[name]: np.dtype(dtype) for name, dtype in (("float32", "<f4"), ("float16", "<f2"), ("uint16_mm", "<u2"))
+}
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def to_result(response: pb.EstimateResponse) -> DepthResult:
+    error = None
+    if response.HasField("error"):
+        code = _STATUS_BY_NUMBER.get(response.error.code, grpc.StatusCode.UNKNOWN)
+        error = FrameError(code, response.error.message)
+    depth = None
+    kind: DepthKind | Literal[""] = ""
+    lo = hi = 0.0
+    if response.HasField("depth"):
+        d = response.depth
+        depth = np.frombuffer(d.data, dtype=_DTYPES[d.encoding]).reshape(d.height, d.width).astype(
+            _DTYPES[d.encoding].newbyteorder("="), copy=True
+        )
+        kind, lo, hi = _KIND_NAMES.get(d.kind, ""), d.min, d.max
+    t = response.timing
+    timing = None
+    if response.HasField("timing"):
+        timing = Timing(t.queue_ms, t.preprocess_ms, t.inference_ms, t.postprocess_ms, t.total_ms, t.batch_size)
+    return DepthResult(
+        frame_id=response.frame_id,
+        timestamp_ns=response.timestamp_ns,
+        model=response.model,
+        depth=depth,
+        kind=kind,
+        min=lo,
+        max=hi,
+        timing=timing,
+        visualization_png=response.visualization_png or None,
+        field_of_view_deg=response.field_of_view_deg or None,
+        focal_length_px=response.focal_length_px or None,
+        dropped=response.dropped,
+        error=error,
+        stream_dropped=response.stream_dropped,
+    )
+
+
+def to_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
+    return [
+        ModelInfo(
+            name=m.name, source=m.source, architecture=m.architecture, kind=_KIND_NAMES.get(m.kind, ""),
+            device=m.device, dtype=m.dtype, is_default=m.is_default, ready=m.ready, demo=m.demo,
+            note=m.note, frames_total=m.frames_total, frames_dropped=m.frames_dropped,
+            batch_sizes=dict(sorted(m.batch_sizes.items())), max_batch=m.max_batch, queue_peak=m.queue_peak,
+            max_processed_side=m.max_processed_side, max_queue_bytes=m.max_queue_bytes,
+            bytes_held=m.bytes_held, bytes_peak=m.bytes_peak, queue_depth=m.queue_depth,
+        )
+        for m in response.models
+    ]
+
+
+# --- health --------------------------------------------------------------------------------------
+
+_HEALTH_NAMES: dict[int, HealthStatus] = {
+    health_pb2.HealthCheckResponse.ServingStatus.Value(name): name for name in get_args(HealthStatus)
+}
+_WAIT_RETRIES_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def health_request(service: str) -> health_pb2.HealthCheckRequest:
+    return health_pb2.HealthCheckRequest(service=service)
+
+
+def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:
+    return _HEALTH_NAMES.get(response.status, "UNKNOWN")
+
+
+def health_failure(error: grpc.RpcError) -> HealthStatus:
+    """A failed Check: NOT_FOUND (a service the daemon does not know) is "SERVICE_UNKNOWN"; anything
+    else raises DepthdError."""
+    if error.code() is grpc.StatusCode.NOT_FOUND:
+        return "SERVICE_UNKNOWN"
+    raise DepthdError.from_rpc(error) from None
+
+
+class ServingWait:
+    """`wait_until_serving`'s deadline and rule: watch the health service until it says SERVING; while
+    the daemon cannot be reached (or a watch runs out of time), try again until the deadline."""
+
+    def __init__(self, target: str, timeout: float, service: str):
+        self.request = health_request(service)
+        self._target = target
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+
+    def left(self) -> float:
+        """Seconds left for the next watch; DepthdError (DEADLINE_EXCEEDED) when there are none."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise DepthdError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{self._target} not SERVING after {self._timeout:g} s"
+            )
+        return left
+
+    @staticmethod
+    def serving(response: health_pb2.HealthCheckResponse) -> bool:
+        return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def pause_after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before the next watch after `error`; DepthdError if it is not worth one."""
+        if error.code() not in _WAIT_RETRIES_ON:
+            raise DepthdError.from_rpc(error) from None
+        return min(0.2, max(0.0, self._deadline - time.monotonic()))
