@@ -34,6 +34,10 @@ class DepthEncoding(str, enum.Enum):
     UINT16_MM = "uint16_mm"
     """Millimetres as unsigned 16-bit integers, 0 for no value; metric models only."""
 
+    @property
+    def bytes_per_value(self) -> int:
+        return 4 if self is DepthEncoding.FLOAT32 else 2
+
 
 class PixelFormat(str, enum.Enum):
     RGB8 = "rgb8"
@@ -82,7 +86,6 @@ class Frame:
         return int(self.pixels.shape[1])
 
 
-BYTES_PER_VALUE = {DepthEncoding.FLOAT32: 4, DepthEncoding.FLOAT16: 2, DepthEncoding.UINT16_MM: 2}
 PNG_FRAMING = 1024
 """PNG signature, chunk headers and zlib's own framing, generously."""
 REPLY_FRAMING = 1024
@@ -116,7 +119,7 @@ class OutputSpec:
     def reply_bytes(self, height: int, width: int) -> int:
         """An upper bound on the reply for a map of this size: the map, and the visualization PNG
         at its largest (stored, not compressed: PNG adds a filter byte a row and a little framing)."""
-        size = height * width * BYTES_PER_VALUE[self.encoding]
+        size = height * width * self.encoding.bytes_per_value
         if self.visualization:
             channels = 1 if (self.colormap or "gray") == "gray" else 3
             raw = height * (width * channels + 1)

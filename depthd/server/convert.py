@@ -14,29 +14,13 @@ from depthd.serving.frames import EncodedImage, ImageSource, RawImage
 from depthd.serving.pool import ModelStatus
 from depthd_client.v1 import depth_pb2 as pb
 
-_PIXEL_FORMATS = {
-    pb.PIXEL_FORMAT_RGB8: PixelFormat.RGB8,
-    pb.PIXEL_FORMAT_BGR8: PixelFormat.BGR8,
-    pb.PIXEL_FORMAT_RGBA8: PixelFormat.RGBA8,
-    pb.PIXEL_FORMAT_BGRA8: PixelFormat.BGRA8,
-    pb.PIXEL_FORMAT_GRAY8: PixelFormat.GRAY8,
-}
-_ENCODINGS = {
-    pb.DEPTH_ENCODING_UNSPECIFIED: DepthEncoding.FLOAT32,
-    pb.DEPTH_ENCODING_FLOAT32: DepthEncoding.FLOAT32,
-    pb.DEPTH_ENCODING_FLOAT16: DepthEncoding.FLOAT16,
-    pb.DEPTH_ENCODING_UINT16_MM: DepthEncoding.UINT16_MM,
-}
-_ENCODING_TO_PB = {
-    DepthEncoding.FLOAT32: pb.DEPTH_ENCODING_FLOAT32,
-    DepthEncoding.FLOAT16: pb.DEPTH_ENCODING_FLOAT16,
-    DepthEncoding.UINT16_MM: pb.DEPTH_ENCODING_UINT16_MM,
-}
-_KINDS = {
-    DepthKind.METRIC: pb.DEPTH_KIND_METRIC,
-    DepthKind.RELATIVE_DISPARITY: pb.DEPTH_KIND_RELATIVE_DISPARITY,
-    DepthKind.RELATIVE_DEPTH: pb.DEPTH_KIND_RELATIVE_DEPTH,
-}
+# The proto's enum values are the domain's, named with the enum's prefix (PIXEL_FORMAT_RGB8 is
+# PixelFormat.RGB8): a value added to both needs no change here.
+_PIXEL_FORMATS = {pb.PixelFormat.Value(f"PIXEL_FORMAT_{f.name}"): f for f in PixelFormat}
+_ENCODINGS = {pb.DepthEncoding.Value(f"DEPTH_ENCODING_{e.name}"): e for e in DepthEncoding}
+_ENCODINGS[pb.DEPTH_ENCODING_UNSPECIFIED] = DepthEncoding.FLOAT32
+_ENCODING_TO_PB = {e: pb.DepthEncoding.Value(f"DEPTH_ENCODING_{e.name}") for e in DepthEncoding}
+_KINDS = {k: pb.DepthKind.Value(f"DEPTH_KIND_{k.name}") for k in DepthKind}
 
 
 def image_source(request: pb.EstimateRequest) -> ImageSource:
