@@ -366,7 +366,23 @@ def test_no_broken_image_gets_internal(daemon, client, caplog):
     assert all(r.ok for r in results[1:7]), "the unmutated images must decode"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
-    assert 0 < len(refusals) <= 21, "refusals are logged, briefly and rate-limited"
+    assert len(refusals) <= 21, "refusals are logged, briefly and rate-limited"
+
+
+def test_refusals_are_logged_at_most_twenty_a_minute_then_counted(caplog):
+    from depthd.server.status import RateLimited
+
+    now = [0.0]
+    limited = RateLimited(logging.getLogger("depthd.test"), logging.INFO, per_minute=20, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="depthd.test"):
+        for i in range(50):
+            limited.log("refused %d", i)
+        now[0] = 61.0
+        limited.log("refused again")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:20] == [f"refused {i}" for i in range(20)]
+    assert lines[20:] == ["30 more like the lines above were not logged in the last minute", "refused again"]
+    assert all(r.levelno == logging.INFO and not r.exc_info for r in caplog.records)
 
 
 # --- 10. defects found reading the code ----------------------------------------------------

@@ -25,17 +25,18 @@ class RateLimited:
     """At most `per_minute` lines a minute through `logger`, then one line saying how many were left
     out: for events a client can cause at will, so that one client cannot flood the journal."""
 
-    def __init__(self, logger: logging.Logger, level: int, per_minute: int):
+    def __init__(self, logger: logging.Logger, level: int, per_minute: int, clock=time.monotonic):
         self._logger = logger
         self._level = level
         self._per_minute = per_minute
+        self._clock = clock
         self._lock = threading.Lock()
         self._window = float("-inf")
         self._count = 0
         self._skipped = 0
 
     def log(self, message: str, *args: object) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if now - self._window >= 60:
                 skipped, self._skipped = self._skipped, 0
