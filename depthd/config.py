@@ -10,6 +10,8 @@ handed the file, the environment and the flags explicitly.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -103,6 +105,31 @@ def name(value: Any) -> str:
 def text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise Problem("is required (a non-empty string)")
+    return value
+
+
+def readable_file(value: Any) -> str:
+    """A path to a file this process can read (a certificate, a key, a token file)."""
+    if not isinstance(value, str) or not value:
+        raise Problem("must be the path of a file")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise Problem(f"no such file {value!r}")
+    if not os.access(path, os.R_OK):
+        raise Problem(f"{value!r} is not readable by this user (permission denied)")
+    return str(path)
+
+
+def group(value: Any) -> str:
+    """The name of a group that exists on this system."""
+    import grp
+
+    if not isinstance(value, str) or not value:
+        raise Problem("must be a group name")
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise Problem(f"no group named {value!r} on this system (`depthd install-service` creates 'depthd')") from None
     return value
 
 
@@ -201,6 +228,34 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """TLS for the TCP listeners (unix sockets stay plaintext, guarded by their file mode).
+    The files are read again on SIGHUP, or when they change, for the next connections."""
+
+    cert: str | None = setting(None, optional(readable_file))
+    """The server's certificate chain (PEM)."""
+    key: str | None = setting(None, optional(readable_file))
+    """Its private key (PEM)."""
+    client_ca: str | None = setting(None, optional(readable_file))
+    """With it, clients must present a certificate signed by this CA (mutual TLS)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    token_file: str | None = setting(None, optional(readable_file))
+    """Tokens, one per line, read again when the file changes. Every call but grpc.health.v1
+    must carry the metadata `authorization: Bearer <token>` with one of them."""
+
+
+SECTIONS = {"limits": Limits, "tls": TlsSettings, "auth": AuthSettings}
+"""The settings that are mappings of their own; each key is `<section>.<name>` in messages."""
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     """host:port or unix:/path addresses."""
@@ -219,7 +274,14 @@ class Settings:
     """Threads torch's CPU kernels use; 0: torch's default (one per core)."""
     demo: bool = setting(False, flag)
     """Also serve DEMO_MODEL, a tiny random-weight Depth Anything built at start-up (smoke tests)."""
+    socket_group: str | None = setting(None, optional(group))
+    """Group of the unix sockets, which are created 0660: its members may connect. None: the
+    process's own group."""
+    allow_insecure_remote: bool = setting(False, flag)
+    """Accept listening on a non-loopback address with neither TLS nor a token (a warning at every start)."""
     limits: Limits = field(default_factory=Limits)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def default(self) -> str:
@@ -248,6 +310,8 @@ def _settable(cls: type) -> set[str]:
 _ENV_SCALARS = {
     **{f"DEPTHD_{f.name.upper()}": f.name for f in _checked(Settings)},
     **{f"DEPTHD_{f.name.upper()}": f"limits.{f.name}" for f in _checked(Limits)},
+    **{f"DEPTHD_{section.upper()}_{f.name.upper()}": f"{section}.{f.name}"
+       for section in ("tls", "auth") for f in _checked(SECTIONS[section])},
     "DEPTHD_DEFAULT_MODEL": "default_model",
 }
 
@@ -320,15 +384,15 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 
 def _merge(data: dict, origin: dict, layer: Mapping[str, Any], where: str) -> None:
     for key, value in layer.items():
-        if key == "limits" and isinstance(value, dict) and isinstance(data.get("limits"), dict):
+        if key in SECTIONS and isinstance(value, dict) and isinstance(data.get(key), dict):
             for sub, subvalue in value.items():
-                data["limits"][sub] = subvalue
-                origin[f"limits.{sub}"] = where
+                data[key][sub] = subvalue
+                origin[f"{key}.{sub}"] = where
             continue
         data[key] = value
         origin[key] = where
-        if key == "limits" and isinstance(value, dict):
-            origin.update({f"limits.{sub}": where for sub in value})
+        if key in SECTIONS and isinstance(value, dict):
+            origin.update({f"{key}.{sub}": where for sub in value})
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -366,19 +430,59 @@ class _Validator:
 
 def _validate(data: dict[str, Any], origin: dict[str, str]) -> Settings:
     check = _Validator(origin)
-    top = check.section(Settings, data, "", skip=("listen", "models", "default_model", "limits"))
+    top = check.section(Settings, data, "", skip=("listen", "models", "default_model", *SECTIONS))
     listen = data.get("listen", list(Settings.listen))
     if isinstance(listen, str):
         listen = [listen]
     if not isinstance(listen, list) or not listen:
         raise check.fail("listen", "must be a list of addresses (host:port or unix:/path)")
     listen = tuple(_address(check, f"listen[{i}]", a) for i, a in enumerate(listen))
-    limits = Limits(**check.section(Limits, data.get("limits", {}), "limits."))
+    sections = {name: cls(**check.section(cls, data.get(name, {}), f"{name}.")) for name, cls in SECTIONS.items()}
+    _check_tls(check, sections["tls"])
     models = _models(check, data.get("models", []), top["demo"])
     default_model = data.get("default_model")
     if default_model is not None and default_model not in {m.name for m in models}:
         raise check.fail("default_model", f"{default_model!r} is not among the models ({', '.join(m.name for m in models)})")
-    return Settings(listen=listen, models=models, default_model=default_model, limits=limits, **top)
+    settings = Settings(listen=listen, models=models, default_model=default_model, **sections, **top)
+    _check_exposure(check, settings)
+    return settings
+
+
+def _check_tls(check: _Validator, tls: TlsSettings) -> None:
+    if (tls.cert is None) != (tls.key is None):
+        missing = "tls.key" if tls.key is None else "tls.cert"
+        raise check.fail(missing, "TLS needs both tls.cert and tls.key (--tls-cert, --tls-key)")
+    if tls.client_ca is not None and tls.cert is None:
+        raise check.fail("tls.client_ca", "client certificates need TLS: set tls.cert and tls.key too")
+
+
+def remote_addresses(settings: Settings) -> list[str]:
+    """The TCP listen addresses other machines can reach (not loopback, not a unix socket)."""
+    return [address for address in settings.listen if not address.startswith("unix:") and not _loopback(address)]
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other machines may resolve to this one
+
+
+def _check_exposure(check: _Validator, settings: Settings) -> None:
+    """Listening beyond loopback with neither TLS nor a token hands the API to anyone on the network."""
+    if settings.tls.enabled or settings.auth.token_file or settings.allow_insecure_remote:
+        return
+    for index, address in enumerate(settings.listen):
+        if address in remote_addresses(settings):
+            raise check.fail(
+                f"listen[{index}]",
+                f"{address} can be reached from other machines, with neither TLS nor a token: set tls.cert and "
+                "tls.key (--tls-cert, --tls-key) or auth.token_file (--auth-token-file); or, knowingly, "
+                "allow_insecure_remote: true",
+            )
 
 
 def _address(check: _Validator, key: str, value: Any) -> str:

@@ -45,7 +45,8 @@ def test_file_then_environment_then_flags(config_file):
     assert with_env.resolved(with_env.models[0]).device == "cuda:0"  # start-up device overrides every model's
     assert with_env.limits.max_input_pixels == 3_000_000 and with_env.log_level == "debug"
 
-    flags = {"device": "cpu", "models": [model_from_argument("cam=/models/cam")], "listen": ["0.0.0.0:7000"]}
+    flags = {"device": "cpu", "models": [model_from_argument("cam=/models/cam")], "listen": ["0.0.0.0:7000"],
+             "allow_insecure_remote": True}
     with_flags = load_settings(config_file, environment, flags)
     assert with_flags.device == "cpu" and with_flags.listen == ("0.0.0.0:7000",)
     assert [(m.name, m.source) for m in with_flags.models] == [("cam", "/models/cam")]

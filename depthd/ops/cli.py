@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="for every model (default auto: float16 on CUDA, float32 on CPU)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS on the TCP addresses: the server's certificate (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (PEM)")
+    serve.add_argument("--tls-client-ca", metavar="FILE",
+                       help="require client certificates signed by this CA (mutual TLS)")
+    serve.add_argument("--auth-token-file", metavar="FILE",
+                       help="tokens, one per line: every call but health needs `authorization: Bearer <token>`")
     serve.add_argument("--demo", action="store_true",
                        help=f"also serve {DEMO_MODEL!r}: a tiny Depth Anything with RANDOM weights, built offline, "
                             "to smoke-test an install (its depth means nothing)")
@@ -59,6 +65,12 @@ def _flags(args: argparse.Namespace) -> dict:
         value = getattr(args, key)
         if value is not None:
             flags["default_model" if key == "default" else key] = value
+    tls = {key: value for key, value in (("cert", args.tls_cert), ("key", args.tls_key), ("client_ca", args.tls_client_ca))
+           if value is not None}
+    if tls:
+        flags["tls"] = tls
+    if args.auth_token_file is not None:
+        flags["auth"] = {"token_file": args.auth_token_file}
     return flags
 
 

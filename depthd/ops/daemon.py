@@ -3,7 +3,8 @@
 `Daemon.start` builds and starts the gRPC server first, so health checks are answered
 (NOT_SERVING) while the models load; each model is marked SERVING as it becomes warm,
 and systemd hears READY=1 once all are. On SIGTERM (`serve`) the server drains within
-`drain_grace_s` and the process exits 0; a second signal exits at once.
+`drain_grace_s` and the process exits 0; a second signal exits at once. SIGHUP reads the
+TLS files again.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ class Daemon:
         self.pool.load_in_background(progress=self._loading, on_ready=self._model_ready, on_done=self._loading_done)
         return self.server.addresses
 
+    def reload(self) -> None:
+        """SIGHUP: read the TLS files again for the next connections (tokens are read again as they change)."""
+        if self.server is not None and self.server.certificates is not None:
+            self.server.certificates.reload()
+            logger.info("SIGHUP: the TLS files will be read again at the next connection")
+
     def request_stop(self) -> None:
         """Ask the daemon to drain and stop; safe from any thread or a signal handler, and after it stopped."""
         loop = self._loop
@@ -106,7 +113,11 @@ class Daemon:
         self.notifier.status(f"loading {name} ({position}/{total})")
 
     def _model_ready(self, name: str) -> None:
-        asyncio.run_coroutine_threadsafe(self._mark_ready(name), self._loop)
+        """From the loader thread: mark `name` SERVING on the event loop, unless the daemon has stopped."""
+        try:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._mark_ready(name)))
+        except RuntimeError:  # the loop is closed: stopped while this model loaded
+            pass
 
     async def _mark_ready(self, name: str) -> None:
         await self.server.mark_ready(name)
@@ -171,6 +182,7 @@ async def serve(settings: Settings) -> Exit:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
     try:
         await daemon.start()
     except (OSError, RuntimeError) as error:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -17,8 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from depthd.config import Limits, Settings
+from depthd.config import Limits, Settings, remote_addresses
 from depthd.errors import Unavailable
+from depthd.server import security
+from depthd.server.security import Certificates
 from depthd.server.servicer import DepthEstimatorService
 from depthd.serving.pool import ModelPool
 from depthd_client.v1 import depth_pb2, depth_pb2_grpc
@@ -77,6 +78,8 @@ class Server:
     pool: ModelPool
     addresses: list[str] = field(default_factory=list)
     """The bound addresses, with the real port where 0 was asked for."""
+    certificates: Certificates | None = None
+    """The TLS material of the TCP ports, when there is TLS; `reload()` on SIGHUP."""
 
     async def start(self) -> None:
         await self.server.start()
@@ -112,9 +115,15 @@ class Server:
 
 
 async def create_server(settings: Settings, pool: ModelPool) -> Server:
-    """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`."""
+    """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`.
+
+    TCP ports get TLS when it is configured; unix sockets are plaintext, created 0660 for
+    `socket_group`. Every call but health needs a token when a token file is configured.
+    """
     server = grpc.aio.server(
-        options=server_options(settings.limits), maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs
+        options=server_options(settings.limits),
+        maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
+        interceptors=security.interceptors(settings.auth),
     )
     servicer = DepthEstimatorService(pool, settings.limits)
     depth_pb2_grpc.add_DepthEstimatorServicer_to_server(servicer, server)
@@ -123,16 +132,22 @@ async def create_server(settings: Settings, pool: ModelPool) -> Server:
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    built = Server(server, health, servicer, pool)
+    certificates = security.Certificates(settings.tls) if settings.tls.enabled else None
+    built = Server(server, health, servicer, pool, certificates=certificates)
     await built.set_health(NOT_SERVING, "", SERVICE_NAME, *(model_health_name(name) for name in pool.names))
     for address in settings.listen:
-        port = server.add_insecure_port(address)
         if address.startswith("unix:"):
-            # as reachable as the loopback port: any local user may connect (the directory decides)
-            os.chmod(address[len("unix:"):], 0o666)
+            path = security.prepare_socket_path(address)
+            server.add_insecure_port(address)
+            security.restrict_socket(path, settings.socket_group)
             built.addresses.append(address)
-        else:
-            built.addresses.append(f"{address.rpartition(':')[0]}:{port}")
+            continue
+        port = server.add_secure_port(address, certificates.credentials()) if certificates else server.add_insecure_port(address)
+        built.addresses.append(f"{address.rpartition(':')[0]}:{port}")
+    for address in remote_addresses(settings):
+        if not (settings.tls.enabled or settings.auth.token_file):
+            logger.warning("listening on %s with neither TLS nor a token (allow_insecure_remote): anyone who can "
+                           "reach it can use the daemon", address)
     return built
 
 
