@@ -1,11 +1,13 @@
 """depthd's Python client: `DepthClient` (sync) and `AsyncDepthClient` (asyncio) for
-estimate/stream/models/health, their typed options and results, and the generated stubs in `.v1`.
+estimate/stream/models/health, with TLS, mTLS and a bearer token, their typed options and results,
+and the generated stubs in `.v1`.
 
 It needs grpcio, grpcio-health-checking, protobuf and numpy only; never torch or transformers.
 Numpy frames are RGB unless `pixel_format` says otherwise.
 """
 
 from depthd_client.aio import AsyncDepthClient
+from depthd_client.channels import read_token_file
 from depthd_client.client import DepthClient
 from depthd_client.messages import (
     MAX_MESSAGE_BYTES_CEILING,
@@ -32,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "MAX_MESSAGE_BYTES_CEILING", "AsyncDepthClient", "Colormap", "DepthClient", "DepthKind", "DepthResult",
     "DepthdError", "Encoding", "FrameError", "HealthStatus", "ModelInfo", "PixelFormat", "RequestOptions",
-    "StreamFrame", "StreamOptions", "Timing", "build_request", "to_image", "to_result",
+    "StreamFrame", "StreamOptions", "Timing", "build_request", "read_token_file", "to_image", "to_result",
 ]

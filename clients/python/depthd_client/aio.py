@@ -1,7 +1,8 @@
 """The asyncio client: `AsyncDepthClient(target)`, the same calls as `DepthClient` on a `grpc.aio.Channel`.
 
-Only the calls are here; request building, response and error conversion are in `messages`, shared
-with the sync client, so both take the same options and give the same results and errors.
+Only the calls are here; request building, response and error conversion are in `messages`, and the
+channel (TLS) and the calls' metadata (a token) in `channels`, shared with the sync client, so both
+take the same options and give the same results and errors.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
+from depthd_client.channels import Connection, PathLike
 from depthd_client.messages import (
-    CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     DepthResult,
     Frames,
@@ -42,9 +43,10 @@ __all__ = ["AsyncDepthClient"]
 
 class AsyncDepthClient:
     """A connection to a depthd daemon for asyncio code: `"host:port"` or
-    `"unix:///run/depthd/depthd.sock"`, or a `grpc.aio` `channel` of your own (TLS, credentials),
-    which `close()` closes. `timeout` is the default for every call but `stream`. Numpy frames are
-    RGB unless `pixel_format` says otherwise.
+    `"unix:///run/depthd/depthd.sock"`, or a `grpc.aio` `channel` of your own, which `close()` closes.
+    `timeout` is the default for every call but `stream`. Numpy frames are RGB unless `pixel_format`
+    says otherwise. `tls_ca`, `tls_cert`, `tls_key` and `token` are those of `DepthClient`: TLS (and
+    mTLS) for a TCP target, and a token sent as `authorization: Bearer <token>` with every call.
 
         async with AsyncDepthClient("127.0.0.1:50051") as client:
             await client.wait_until_serving()
@@ -55,10 +57,24 @@ class AsyncDepthClient:
     Open it inside the event loop that uses it. Failures raise `DepthdError`, as in `DepthClient`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, channel: grpc.aio.Channel | None = None):
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        channel: grpc.aio.Channel | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        token: str | None = None,
+    ):
+        connection = Connection(
+            target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, own_channel=channel is not None
+        )
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._metadata = connection.metadata
+        self._channel = channel or connection.aio_channel()
         self._stub = depth_pb2_grpc.DepthEstimatorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -79,7 +95,7 @@ class AsyncDepthClient:
         A path is read, and a frame converted, on the event loop."""
         request = make_request(image, options, "estimate")
         with rpc_errors():
-            response = await self._stub.Estimate(request, timeout=timeout or self.timeout)
+            response = await self._stub.Estimate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return to_result(response)
 
     def stream(
@@ -104,21 +120,25 @@ class AsyncDepthClient:
     async def _results(
         self, requests: StreamRequests, frames: Frames, timeout: float | None
     ) -> AsyncIterator[DepthResult]:
-        call = self._stub.EstimateStream(requests.from_any(frames), timeout=timeout)
+        call = self._stub.EstimateStream(requests.from_any(frames), timeout=timeout, metadata=self._metadata)
         with requests.reading(call):
             async for response in call:
                 yield to_result(response)
 
     async def models(self, timeout: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
-            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         return to_models(response)
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """The standard gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".
         `service` is "" (the daemon), "depthd.v1.DepthEstimator" or "depthd.v1.DepthEstimator/<model>"."""
         try:
-            response = await self._health.Check(health_request(service), timeout=timeout or self.timeout)
+            response = await self._health.Check(
+                health_request(service), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             return health_failure(error)
         return health_status(response)
@@ -127,7 +147,9 @@ class AsyncDepthClient:
         """Wait until health says SERVING (models loaded and warm); DepthdError on timeout."""
         wait = ServingWait(self.target, timeout, service)
         while True:
-            call = self._health.Watch(wait.request, timeout=wait.left(), wait_for_ready=True)
+            call = self._health.Watch(
+                wait.request, timeout=wait.left(), wait_for_ready=True, metadata=self._metadata
+            )
             try:
                 async for response in call:
                     if wait.serving(response):

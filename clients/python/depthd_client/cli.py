@@ -1,4 +1,5 @@
-"""`depthctl`: estimate, stream, list models and check health against a running depthd."""
+"""`depthctl`: estimate, stream, list models and check health against a running depthd, over TLS
+(and mTLS) and with a token when the daemon asks for them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import glob
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
+import grpc
+
 from depthd_client import files
+from depthd_client.channels import read_token_file
 from depthd_client.client import DEFAULT_TARGET, DepthClient, DepthdError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -20,6 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=os.environ.get("DEPTHD_TARGET", DEFAULT_TARGET),
                         help=f"host:port or unix:///path (default $DEPTHD_TARGET or {DEFAULT_TARGET})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    security = parser.add_argument_group(
+        "TLS and tokens", "TLS is for host:port targets; a unix socket stays plaintext, guarded by its file permissions. "
+        "The token is the first non-empty line (# comments skipped) of --token-file, else of the file "
+        "$DEPTHD_TOKEN_FILE names, "
+        "else $DEPTHD_TOKEN itself; it is sent as `authorization: Bearer <token>`.")
+    security.add_argument("--tls-ca", metavar="FILE", help="PEM: the CA that signed the daemon's certificate (turns TLS on)")
+    security.add_argument("--tls-cert", metavar="FILE", help="PEM: a client certificate, for a daemon that asks for one (mTLS)")
+    security.add_argument("--tls-key", metavar="FILE", help="PEM: the private key of --tls-cert")
+    security.add_argument("--token-file", metavar="FILE",
+                          help="a file whose first non-empty line (# comments skipped) is the token")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def outputs(sub: argparse.ArgumentParser) -> None:
@@ -154,9 +169,44 @@ def _health(client: DepthClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def resolve_token(token_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The token depthctl sends: the first non-empty line of `--token-file`, else of the file
+    `$DEPTHD_TOKEN_FILE` names, else `$DEPTHD_TOKEN` itself; None without any (an empty variable counts
+    as unset). A file that cannot be read is an OSError, one without a token a ValueError."""
+    if token_file is not None:
+        return read_token_file(token_file)
+    if environ.get("DEPTHD_TOKEN_FILE"):
+        return read_token_file(environ["DEPTHD_TOKEN_FILE"])
+    token = environ.get("DEPTHD_TOKEN", "").strip()
+    return token or None
+
+
+def _connect(args: argparse.Namespace) -> DepthClient:
+    token = resolve_token(args.token_file, os.environ)
+    return DepthClient(args.target, timeout=args.timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key, token=token)
+
+
+def _hint(error: DepthdError, args: argparse.Namespace) -> str:
+    """What to try, for the failures a security set-up causes; gRPC's own details do not say."""
+    if error.code is grpc.StatusCode.UNAUTHENTICATED:
+        return " (give the daemon's token with --token-file, $DEPTHD_TOKEN_FILE or $DEPTHD_TOKEN)"
+    if error.code is grpc.StatusCode.UNAVAILABLE and not args.target.startswith("unix"):
+        if args.tls_ca or args.tls_cert:
+            return (" (is the daemon running there, and do --tls-ca, --tls-cert and --tls-key fit its certificate "
+                    "and client CA? a refused TLS handshake reads the same)")
+        return " (is the daemon running there? if it speaks TLS, give --tls-ca)"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    with DepthClient(args.target, timeout=args.timeout) as client:
+    try:
+        client = _connect(args)
+    except (OSError, ValueError) as error:  # a token or PEM file that cannot be read, options that do not fit
+        print(f"depthctl: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
             if args.command == "estimate":
                 return _estimate(client, args)
@@ -166,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _models(client, args.stats)
             return _health(client, args)
         except DepthdError as error:
-            print(f"depthctl: {error}", file=sys.stderr)
+            print(f"depthctl: {error}{_hint(error, args)}", file=sys.stderr)
             return 1
         except OSError as error:
             print(f"depthctl: {error}", file=sys.stderr)

@@ -4,8 +4,8 @@ It takes what a robot has at hand (a path, file bytes, a numpy HxWxC uint8 array
 `pixel_format` says otherwise, a PIL image) and returns numpy depth maps with what they mean.
 RPC failures raise `DepthdError`, which carries the gRPC status code; in a stream a frame that
 failed comes back as a result with `error` set, and the stream goes on. Everything but the calls
-(request building, response and error conversion) is in `messages`, shared with the asyncio
-client in `aio`.
+(request building, response and error conversion) is in `messages`, and the channel (TLS) and the
+calls' metadata (a token) in `channels`, both shared with the asyncio client in `aio`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from depthd_client.channels import Connection, PathLike
 from depthd_client.messages import (
-    CHANNEL_OPTIONS,
     DEFAULT_TARGET,
     MAX_MESSAGE_BYTES_CEILING,
     DepthdError,
@@ -54,13 +54,37 @@ __all__ = [
 
 class DepthClient:
     """A connection to a depthd daemon: `"host:port"` or `"unix:///run/depthd/depthd.sock"`, or a
-    `channel` of your own (TLS, credentials), which `close()` closes. `timeout` is the default for
-    every call but `stream`. Numpy frames are RGB unless `pixel_format` says otherwise."""
+    `channel` of your own, which `close()` closes. `timeout` is the default for every call but
+    `stream`. Numpy frames are RGB unless `pixel_format` says otherwise.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, channel: grpc.Channel | None = None):
+    Security (TCP targets; a unix socket stays plaintext, guarded by its file permissions):
+    `tls_ca` (a PEM file: the CA that signed the daemon's certificate) turns TLS on; `tls_cert` and
+    `tls_key` (PEM files, both or neither) present a client certificate to a daemon that asks for one
+    (mTLS). `token` is sent as `authorization: Bearer <token>` with every call, on any channel.
+    A mistake in these is a ValueError (a PEM file that cannot be read, an OSError) raised here.
+
+        DepthClient("robot-01.local:50051", tls_ca="ca.pem", tls_cert="client.pem",
+                    tls_key="client.key", token=read_token_file("/etc/robot/depthd.token"))
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        channel: grpc.Channel | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        token: str | None = None,
+    ):
+        connection = Connection(
+            target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, own_channel=channel is not None
+        )
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._metadata = connection.metadata
+        self._channel = channel or connection.channel()
         self._stub = depth_pb2_grpc.DepthEstimatorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -80,7 +104,7 @@ class DepthClient:
         `pixel_format` says otherwise) or a PIL image. `options` are those of `RequestOptions`."""
         request = make_request(image, options, "estimate")
         with rpc_errors():
-            response = self._stub.Estimate(request, timeout=timeout or self.timeout)
+            response = self._stub.Estimate(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return to_result(response)
 
     def stream(
@@ -102,21 +126,25 @@ class DepthClient:
     def _results(
         self, requests: StreamRequests, frames: Iterable[ImageLike | StreamFrame], timeout: float | None
     ) -> Iterator[DepthResult]:
-        call = self._stub.EstimateStream(requests.from_iterable(frames), timeout=timeout)
+        call = self._stub.EstimateStream(requests.from_iterable(frames), timeout=timeout, metadata=self._metadata)
         with requests.reading(call):
             for response in call:
                 yield to_result(response)
 
     def models(self, timeout: float | None = None) -> list[ModelInfo]:
         with rpc_errors():
-            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+            response = self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         return to_models(response)
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """The standard gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".
         `service` is "" (the daemon), "depthd.v1.DepthEstimator" or "depthd.v1.DepthEstimator/<model>"."""
         try:
-            response = self._health.Check(health_request(service), timeout=timeout or self.timeout)
+            response = self._health.Check(
+                health_request(service), timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             return health_failure(error)
         return health_status(response)
@@ -125,7 +153,9 @@ class DepthClient:
         """Block until health says SERVING (models loaded and warm); DepthdError on timeout."""
         wait = ServingWait(self.target, timeout, service)
         while True:
-            call = self._health.Watch(wait.request, timeout=wait.left(), wait_for_ready=True)
+            call = self._health.Watch(
+                wait.request, timeout=wait.left(), wait_for_ready=True, metadata=self._metadata
+            )
             try:
                 if any(wait.serving(response) for response in call):
                     return

@@ -33,11 +33,6 @@ MAX_MESSAGE_BYTES_CEILING = 2**31 - 1
 """The largest message gRPC can carry, and so the most a daemon's limits.max_message_bytes can be set
 to. The client receives up to it, so that whatever the daemon is allowed to send, the client takes:
 the daemon checks each reply against its own limit before any work."""
-CHANNEL_OPTIONS = (
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES_CEILING),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES_CEILING),
-)
-"""The options of a channel the client opens itself, sync or asyncio."""
 
 Encoding = Literal["float32", "float16", "uint16_mm"]
 """How depth values travel: little-endian float32, float16, or uint16 millimetres (metric models only)."""
