@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random checkpoints of every architecture, built once per session, offline.
 
-Tests marked `slow` (seconds and gigabytes) or `gpu` (a CUDA device) are opt-in:
-`pytest --run-slow`, and `--run-gpu` where torch sees a GPU.
+Tests marked `slow` (seconds and gigabytes), `gpu` (a CUDA device) or `systemd` (root, boots a
+container) are opt-in: `pytest --run-slow`, `--run-gpu` where torch sees a GPU, and `--run-systemd`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow")
     parser.addoption("--run-gpu", action="store_true", help="also run the tests marked gpu (needs CUDA)")
+    parser.addoption("--run-systemd", action="store_true",
+                     help="also run the tests marked systemd (root: boots systemd in a systemd-nspawn container)")
 
 
 def pytest_collection_modifyitems(config, items):
-    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu")):
+    for marker, option in (("slow", "--run-slow"), ("gpu", "--run-gpu"), ("systemd", "--run-systemd")):
         if config.getoption(option):
             continue
         skip = pytest.mark.skip(reason=f"{marker}: opt-in with {option}")

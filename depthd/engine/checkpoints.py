@@ -162,7 +162,46 @@ def _guarded(name: str, source: str, what: str, load):
     except ModelLoadError:
         raise
     except Exception as error:  # transformers raises OSError, ValueError, SafetensorError, ...
-        raise ModelLoadError(name, source, _cause(what, error)) from error
+        # safetensors reports a file it may not read as "No such file or directory": look first
+        denied = _unreadable(source)
+        cause = _permission_cause(*denied) if denied else _cause(what, error)
+        raise ModelLoadError(name, source, cause) from error
+
+
+def _model_files(source: str) -> tuple[Path | None, list[Path]]:
+    """The folder holding a model's files (a local folder, or its entry in the Hugging Face cache)
+    and the files in it."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import constants
+
+        folder = Path(constants.HF_HUB_CACHE) / ("models--" + source.replace("/", "--"))
+    if not folder.is_dir():
+        return None, []
+    return folder, [path for path in folder.rglob("*") if not path.is_dir()]
+
+
+def _unreadable(source: str) -> tuple[Path, Path] | None:
+    """(the model's folder, the first of its files this process may not read), or None."""
+    folder, files = _model_files(source)
+    for path in files:
+        try:
+            with open(path, "rb"):
+                pass
+        except PermissionError:
+            return folder, path
+        except OSError:
+            continue
+    return None
+
+
+def _permission_cause(folder: Path, path: Path) -> str:
+    info = path.stat() if not path.is_symlink() else path.resolve().stat()
+    return (
+        f"permission denied reading {path} (owner uid {info.st_uid}, mode {oct(info.st_mode & 0o777)}): this user "
+        f"(uid {os.geteuid()}) cannot read the model's files. Make them readable: sudo chmod -R a+rX {folder} "
+        "(files copied into the service's cache after its first start keep their owner and mode)"
+    )
 
 
 def _cause(what: str, error: Exception) -> str:

@@ -7,8 +7,10 @@ environment this command runs from, so the service runs the daemon that was inst
 
 from __future__ import annotations
 
+import grp
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,13 @@ from pathlib import Path
 UNIT_PATH = Path("etc/systemd/system/depthd.service")
 CONFIG_PATH = Path("etc/depthd/depthd.yaml")
 CONFIG_IN_UNIT = "/etc/depthd/depthd.yaml"
-HOMES = ("/home/", "/root/")
+UNREACHABLE = ("/root/", "/home/", "/tmp/", "/var/tmp/")
+"""Where the service cannot run a program from: ProtectHome= hides homes (and /root is private
+anyway), PrivateTmp= gives it an empty /tmp."""
+SOCKET_GROUP = "depthd"
+"""The group of the daemon's unix socket: users added to it may use the daemon."""
+DEVICE_GROUPS = ("video", "render")
+"""Groups owning GPU nodes (Jetson's /dev/nvhost-*, /dev/dri); written only where they exist."""
 
 
 class InstallError(Exception):
@@ -31,7 +39,11 @@ class InstallPlan:
     config: str
     write_config: bool
     """False when a config is already there: it is never overwritten."""
+    create_group: bool
+    """Whether the socket's group must be created first."""
     notes: tuple[str, ...] = ()
+    problem: str | None = None
+    """Why the unit cannot work; a real install is then refused (a dry run and --prefix warn)."""
 
 
 def shipped_file(name: str) -> Path:
@@ -50,34 +62,56 @@ def daemon_command() -> str:
     return f"{sys.executable} -m depthd"
 
 
-def render_unit(template: str, command: str, runtime: list[Path]) -> tuple[str, tuple[str, ...]]:
-    """The unit for `command`; `runtime` are the paths it needs to read (venv, interpreter)."""
+def group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def unreachable(runtime: list[Path]) -> str | None:
+    """Why the service could not run a unit whose ExecStart needs `runtime` (203/EXEC, or files
+    under PrivateTmp), or None."""
+    hidden = sorted({str(path) for path in runtime if (str(path).rstrip("/") + "/").startswith(UNREACHABLE)})
+    if not hidden:
+        return None
+    return (
+        f"{', '.join(hidden)} {'is' if len(hidden) == 1 else 'are'} where the service cannot reach "
+        "(a home, /root or /tmp: ProtectHome= and PrivateTmp= hide them from it, and it would fail with "
+        "203/EXEC). Install depthd, and the Python it runs on, in /opt/depthd instead: sudo git clone "
+        "<this repository> /opt/depthd && sudo /opt/depthd/scripts/setup && sudo /opt/depthd/.venv/bin/depthd "
+        "install-service"
+    )
+
+
+def render_unit(template: str, command: str, groups: list[str]) -> str:
+    """The unit for `command`, with the supplementary groups that exist on this system."""
     unit = re.sub(r"^ExecStart=.*$", f"ExecStart={command} serve --config {CONFIG_IN_UNIT}", template, count=1, flags=re.M)
-    in_home = sorted({str(p) for p in runtime if str(p).startswith(HOMES)})
-    if not in_home:
-        return unit, ()
-    # ProtectHome=yes would hide the daemon's own files from it
-    unit = unit.replace(
-        "ProtectHome=yes", "# depthd is installed under a home directory, which it must read\nProtectHome=read-only"
-    )
-    note = (
-        f"{', '.join(in_home)} {'is' if len(in_home) == 1 else 'are'} under a home directory: the service's "
-        "dynamic user cannot read a private home; install depthd (and its Python) in /opt/depthd instead"
-    )
-    return unit, (note,)
+    return re.sub(r"^SupplementaryGroups=.*$", f"SupplementaryGroups={' '.join(groups)}", unit, count=1, flags=re.M)
 
 
 def install_plan(prefix: Path) -> InstallPlan:
-    runtime = [Path(sys.prefix), Path(sys.executable).resolve()]
-    unit, notes = render_unit(shipped_file("depthd.service").read_text(), daemon_command(), runtime)
+    problem = unreachable([Path(sys.prefix), Path(sys.executable).resolve()])
+    groups = [SOCKET_GROUP, *(name for name in DEVICE_GROUPS if group_exists(name))]
+    notes = [f"no {name!r} group on this system: left out of SupplementaryGroups="
+             for name in DEVICE_GROUPS if not group_exists(name)]
+    if problem:
+        notes.insert(0, f"WARNING: this unit cannot work: {problem}")
+    create_group = not group_exists(SOCKET_GROUP)
+    if create_group and prefix != Path("/"):
+        notes.append(f"the unit needs the system group {SOCKET_GROUP!r}: create it on the target "
+                     f"(groupadd --system {SOCKET_GROUP})")
     config_path = prefix / CONFIG_PATH
     return InstallPlan(
         unit_path=prefix / UNIT_PATH,
-        unit=unit,
+        unit=render_unit(shipped_file("depthd.service").read_text(), daemon_command(), groups),
         config_path=config_path,
         config=shipped_file("depthd.yaml").read_text(),
         write_config=not config_path.exists(),
-        notes=notes,
+        create_group=create_group and prefix == Path("/"),
+        notes=tuple(notes),
+        problem=problem,
     )
 
 
@@ -86,13 +120,21 @@ def install(prefix: Path = Path("/"), dry_run: bool = False, out=None) -> int:
     if not dry_run and prefix == Path("/") and os.geteuid() != 0:
         raise InstallError("writing /etc needs root: run it with sudo (or see --dry-run and --prefix)")
     steps = install_plan(prefix)
+    if steps.problem and not dry_run and prefix == Path("/"):
+        raise InstallError(steps.problem)
     if dry_run:
+        if steps.create_group:
+            print(f"# would run: groupadd --system {SOCKET_GROUP}", file=out)
         print(f"# {steps.unit_path}\n{steps.unit}", file=out)
         if steps.write_config:
             print(f"# {steps.config_path}\n{steps.config}", file=out)
         else:
             print(f"# {steps.config_path} exists and is kept", file=out)
     else:
+        if steps.create_group:
+            subprocess.run(["groupadd", "--system", SOCKET_GROUP], check=True)
+            print(f"created the group {SOCKET_GROUP} (add a user to it to let it use the socket: "
+                  f"usermod -aG {SOCKET_GROUP} USER)", file=out)
         steps.unit_path.parent.mkdir(parents=True, exist_ok=True)
         steps.unit_path.write_text(steps.unit)
         print(f"wrote {steps.unit_path}", file=out)
@@ -103,7 +145,10 @@ def install(prefix: Path = Path("/"), dry_run: bool = False, out=None) -> int:
         else:
             print(f"kept {steps.config_path}", file=out)
     for note in steps.notes:
-        print(f"note: {note}", file=out)
+        if note.startswith("WARNING"):
+            print(note, file=sys.stderr)
+        else:
+            print(f"note: {note}", file=out)
     print("then: systemctl daemon-reload && systemctl enable --now depthd", file=out)
     return 0
 
