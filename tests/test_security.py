@@ -298,7 +298,8 @@ def test_the_unit_names_only_groups_that_exist(capsys, tmp_path):
     assert depthd_main(["install-service", "--dry-run", "--prefix", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("SupplementaryGroups="))
-    assert line.split("=", 1)[1].split() == ["depthd", *(g for g in DEVICE_GROUPS if group_exists(g))]
+    assert line.split("=", 1)[1].split() == [g for g in DEVICE_GROUPS if group_exists(g)]
+    assert "\nGroup=depthd\n" in out and "\nUser=depthd-daemon\n" in out
     for missing in (g for g in DEVICE_GROUPS if not group_exists(g)):
         assert f"no {missing!r} group on this system" in out
 

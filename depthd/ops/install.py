@@ -62,12 +62,24 @@ def daemon_command() -> str:
     return f"{sys.executable} -m depthd"
 
 
+DYNAMIC_IDS = range(61184, 65520)
+"""systemd's dynamic users and groups: they exist only while their unit runs."""
+
+
 def group_exists(name: str) -> bool:
+    """Whether a lasting group `name` exists (a running unit's dynamic group does not count)."""
     try:
-        grp.getgrnam(name)
+        return grp.getgrnam(name).gr_gid not in DYNAMIC_IDS
     except KeyError:
         return False
-    return True
+
+
+def dynamic_group(name: str) -> bool:
+    """Whether `name` is, for now, a running unit's dynamic group (an older depthd's)."""
+    try:
+        return grp.getgrnam(name).gr_gid in DYNAMIC_IDS
+    except KeyError:
+        return False
 
 
 def unreachable(runtime: list[Path]) -> str | None:
@@ -86,14 +98,14 @@ def unreachable(runtime: list[Path]) -> str | None:
 
 
 def render_unit(template: str, command: str, groups: list[str]) -> str:
-    """The unit for `command`, with the supplementary groups that exist on this system."""
+    """The unit for `command`, with the supplementary groups (`groups`) that exist on this system."""
     unit = re.sub(r"^ExecStart=.*$", f"ExecStart={command} serve --config {CONFIG_IN_UNIT}", template, count=1, flags=re.M)
     return re.sub(r"^SupplementaryGroups=.*$", f"SupplementaryGroups={' '.join(groups)}", unit, count=1, flags=re.M)
 
 
 def install_plan(prefix: Path) -> InstallPlan:
     problem = unreachable([Path(sys.prefix), Path(sys.executable).resolve()])
-    groups = [SOCKET_GROUP, *(name for name in DEVICE_GROUPS if group_exists(name))]
+    groups = [name for name in DEVICE_GROUPS if group_exists(name)]
     notes = [f"no {name!r} group on this system: left out of SupplementaryGroups="
              for name in DEVICE_GROUPS if not group_exists(name)]
     if problem:
@@ -122,6 +134,11 @@ def install(prefix: Path = Path("/"), dry_run: bool = False, out=None) -> int:
     steps = install_plan(prefix)
     if steps.problem and not dry_run and prefix == Path("/"):
         raise InstallError(steps.problem)
+    if steps.create_group and dynamic_group(SOCKET_GROUP) and not dry_run:
+        raise InstallError(
+            f"a running depthd's dynamic group hides the name {SOCKET_GROUP!r}: stop it first "
+            "(systemctl stop depthd), then run install-service again"
+        )
     if dry_run:
         if steps.create_group:
             print(f"# would run: groupadd --system {SOCKET_GROUP}", file=out)

@@ -201,7 +201,12 @@ def prepare_socket_path(address: str) -> Path:
 
 
 def restrict_socket(path: Path, group: str | None) -> None:
-    """The socket only its owner and group can open: mode 0660, group `group` (or the process's)."""
+    """The socket only its owner and group can open: mode 0660, group `group` (or the process's).
+
+    Under the unit the group is already the process's own (Group=depthd), and chown is not
+    even allowed (SystemCallFilter=~@privileged): the group is changed only where it differs."""
     if group is not None:
-        os.chown(path, -1, grp.getgrnam(group).gr_gid, follow_symlinks=False)
+        gid = grp.getgrnam(group).gr_gid
+        if path.lstat().st_gid != gid:
+            os.chown(path, -1, gid, follow_symlinks=False)
     os.chmod(path, SOCKET_MODE)
