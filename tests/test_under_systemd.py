@@ -78,6 +78,9 @@ except Exception as error:
     print(answered, f"frames answered, then {{type(error).__name__}}: {{error}}", flush=True)
 """
 
+CHECKOUT = Path(__file__).resolve().parents[1]
+SOURCE = "/opt/depthd-src"
+"""Where the container sees this checkout (bound read-only)."""
 NSPAWN = [
     "systemd-nspawn",
     "--volatile=overlay",  # the container writes to a tmpfs over the host's files, never to them
@@ -167,7 +170,8 @@ def payload_pid(nspawn: int) -> int | None:
 def boot(root: Path, log: Path, timeout: float = 90) -> tuple[subprocess.Popen, str]:
     """Boot the host's / (bound at `root` in a private mount namespace) and wait until its systemd is up."""
     global _leader
-    shell = f"mount --bind / {shlex.quote(str(root))} && exec {shlex.join([*NSPAWN, f'--directory={root}'])}"
+    command = [*NSPAWN, f"--bind-ro={CHECKOUT}:{SOURCE}", f"--directory={root}"]
+    shell = f"mount --bind / {shlex.quote(str(root))} && exec {shlex.join(command)}"
     with log.open("wb") as out:
         nspawn = subprocess.Popen(
             ["unshare", "--mount", "--propagation=private", "sh", "-c", shell],
@@ -211,7 +215,14 @@ def install_depthd_in_opt() -> None:
     """
     inside(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}", "-m", "venv", "--without-pip", VENV)
     ours = inside(PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
-    write_inside(f"{ours}/depthd-checkout.pth", f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    # The checkout is bound at SOURCE (a clone under /tmp would be hidden by the container's own /tmp):
+    # its sources first, then its venv's packages.
+    packages = Path(sysconfig.get_paths()["purelib"])
+    if packages.is_relative_to(CHECKOUT):
+        packages = Path(SOURCE) / packages.relative_to(CHECKOUT)
+    sources = [SOURCE, f"{SOURCE}/clients/python"]
+    write_inside(f"{ours}/depthd-checkout.pth",
+                 f"import sys, site; sys.path[:0] = {sources!r}; site.addsitedir({str(packages)!r})\n")
     for script, module in (("depthd", "depthd.ops.cli"), ("depthctl", "depthd_client.cli")):
         write_inside(f"{VENV}/bin/{script}", f"#!{PYTHON}\nimport sys\nfrom {module} import main\nsys.exit(main())\n", 0o755)
 
