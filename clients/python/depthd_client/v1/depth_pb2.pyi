@@ -64,34 +64,72 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("encoding", "width", "height", "visualization", "colormap")
+    __slots__ = ("encoding", "width", "height", "visualization", "colormap", "point_cloud", "point_stride", "point_cloud_rgb", "vis_min", "vis_max")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     VISUALIZATION_FIELD_NUMBER: _ClassVar[int]
     COLORMAP_FIELD_NUMBER: _ClassVar[int]
+    POINT_CLOUD_FIELD_NUMBER: _ClassVar[int]
+    POINT_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    POINT_CLOUD_RGB_FIELD_NUMBER: _ClassVar[int]
+    VIS_MIN_FIELD_NUMBER: _ClassVar[int]
+    VIS_MAX_FIELD_NUMBER: _ClassVar[int]
     encoding: DepthEncoding
     width: int
     height: int
     visualization: bool
     colormap: str
-    def __init__(self, encoding: _Optional[_Union[DepthEncoding, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., visualization: bool = ..., colormap: _Optional[str] = ...) -> None: ...
+    point_cloud: bool
+    point_stride: int
+    point_cloud_rgb: bool
+    vis_min: float
+    vis_max: float
+    def __init__(self, encoding: _Optional[_Union[DepthEncoding, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., visualization: bool = ..., colormap: _Optional[str] = ..., point_cloud: bool = ..., point_stride: _Optional[int] = ..., point_cloud_rgb: bool = ..., vis_min: _Optional[float] = ..., vis_max: _Optional[float] = ...) -> None: ...
+
+class CameraIntrinsics(_message.Message):
+    __slots__ = ("fx", "fy", "cx", "cy")
+    FX_FIELD_NUMBER: _ClassVar[int]
+    FY_FIELD_NUMBER: _ClassVar[int]
+    CX_FIELD_NUMBER: _ClassVar[int]
+    CY_FIELD_NUMBER: _ClassVar[int]
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    def __init__(self, fx: _Optional[float] = ..., fy: _Optional[float] = ..., cx: _Optional[float] = ..., cy: _Optional[float] = ...) -> None: ...
+
+class DepthHint(_message.Message):
+    __slots__ = ("x", "y", "depth_m")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_M_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    depth_m: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., depth_m: _Optional[float] = ...) -> None: ...
 
 class EstimateRequest(_message.Message):
-    __slots__ = ("model", "image", "frame_id", "timestamp_ns", "output", "latest_frame_wins")
+    __slots__ = ("model", "image", "frame_id", "timestamp_ns", "output", "latest_frame_wins", "intrinsics", "hints", "stabilize")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     LATEST_FRAME_WINS_FIELD_NUMBER: _ClassVar[int]
+    INTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
+    STABILIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: Image
     frame_id: int
     timestamp_ns: int
     output: OutputOptions
     latest_frame_wins: bool
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., latest_frame_wins: bool = ...) -> None: ...
+    intrinsics: CameraIntrinsics
+    hints: _containers.RepeatedCompositeFieldContainer[DepthHint]
+    stabilize: bool
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., latest_frame_wins: bool = ..., intrinsics: _Optional[_Union[CameraIntrinsics, _Mapping]] = ..., hints: _Optional[_Iterable[_Union[DepthHint, _Mapping]]] = ..., stabilize: bool = ...) -> None: ...
 
 class DepthMap(_message.Message):
     __slots__ = ("width", "height", "encoding", "data", "kind", "min", "max")
@@ -127,6 +165,32 @@ class Timing(_message.Message):
     batch_size: int
     def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
+class PointCloud(_message.Message):
+    __slots__ = ("width", "height", "xyz", "rgb")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    XYZ_FIELD_NUMBER: _ClassVar[int]
+    RGB_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    xyz: bytes
+    rgb: bytes
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., xyz: _Optional[bytes] = ..., rgb: _Optional[bytes] = ...) -> None: ...
+
+class Alignment(_message.Message):
+    __slots__ = ("scale", "shift", "hints_used", "hints_rejected", "rmse_m")
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    HINTS_USED_FIELD_NUMBER: _ClassVar[int]
+    HINTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    RMSE_M_FIELD_NUMBER: _ClassVar[int]
+    scale: float
+    shift: float
+    hints_used: int
+    hints_rejected: int
+    rmse_m: float
+    def __init__(self, scale: _Optional[float] = ..., shift: _Optional[float] = ..., hints_used: _Optional[int] = ..., hints_rejected: _Optional[int] = ..., rmse_m: _Optional[float] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -136,7 +200,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "model", "depth", "visualization_png", "timing", "error", "dropped", "field_of_view_deg", "focal_length_px", "stream_dropped")
+    __slots__ = ("frame_id", "timestamp_ns", "model", "depth", "visualization_png", "timing", "error", "dropped", "field_of_view_deg", "focal_length_px", "stream_dropped", "intrinsics", "points", "alignment")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +212,9 @@ class EstimateResponse(_message.Message):
     FIELD_OF_VIEW_DEG_FIELD_NUMBER: _ClassVar[int]
     FOCAL_LENGTH_PX_FIELD_NUMBER: _ClassVar[int]
     STREAM_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    INTRINSICS_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     model: str
@@ -159,7 +226,10 @@ class EstimateResponse(_message.Message):
     field_of_view_deg: float
     focal_length_px: float
     stream_dropped: int
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., model: _Optional[str] = ..., depth: _Optional[_Union[DepthMap, _Mapping]] = ..., visualization_png: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., dropped: bool = ..., field_of_view_deg: _Optional[float] = ..., focal_length_px: _Optional[float] = ..., stream_dropped: _Optional[int] = ...) -> None: ...
+    intrinsics: CameraIntrinsics
+    points: PointCloud
+    alignment: Alignment
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., model: _Optional[str] = ..., depth: _Optional[_Union[DepthMap, _Mapping]] = ..., visualization_png: _Optional[bytes] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., dropped: bool = ..., field_of_view_deg: _Optional[float] = ..., focal_length_px: _Optional[float] = ..., stream_dropped: _Optional[int] = ..., intrinsics: _Optional[_Union[CameraIntrinsics, _Mapping]] = ..., points: _Optional[_Union[PointCloud, _Mapping]] = ..., alignment: _Optional[_Union[Alignment, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
