@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from depthd.domain import Intrinsics
+from depthd.errors import InvalidArgument
 from depthd_client import MAX_MESSAGE_BYTES_CEILING
 
 MIB = 1024 * 1024
@@ -133,6 +135,17 @@ def group(value: Any) -> str:
     return value
 
 
+def intrinsics(value: Any) -> Intrinsics:
+    """A fixed camera: {fx, fy, cx, cy} in pixels of its images."""
+    if not isinstance(value, dict) or set(value) != {"fx", "fy", "cx", "cy"}:
+        raise Problem(f"must be a mapping of fx, fy, cx and cy (pixels), got {value!r}")
+    numbers = {key: number(-1e9, 1e9)(value[key]) for key in ("fx", "fy", "cx", "cy")}
+    try:
+        return Intrinsics(**numbers).check("")
+    except InvalidArgument as error:
+        raise Problem(str(error).lstrip(".")) from None
+
+
 def optional(check: Check) -> Check:
     """None (the setting left to its default behaviour), or what `check` accepts."""
 
@@ -201,6 +214,9 @@ class ModelSettings:
     """torch.compile the forward pass (slow first calls; warm-up pays for the warm-up sizes)."""
     cuda_graphs: bool = setting(False, flag)
     """CUDA only: torch.compile with CUDA graphs for the warm-up sizes."""
+    intrinsics: Intrinsics | None = setting(None, optional(intrinsics))
+    """A fixed camera's {fx, fy, cx, cy}, in pixels of its images: for point clouds of requests
+    that carry none."""
     demo: bool = setting(False, flag, settable=False)
     """Random weights: marked as such in ListModels and the log (set for the demo model only)."""
 

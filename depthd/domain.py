@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,6 +106,12 @@ class OutputSpec:
     height: int = 0
     visualization: bool = False
     colormap: str | None = None
+    point_cloud: bool = False
+    point_stride: int = 1
+    """Every n-th row and column of the map become points."""
+    point_cloud_rgb: bool = False
+    vis_range: tuple[float, float] | None = None
+    """The visualization's fixed (min, max), in the map's unit; None: each frame's own."""
 
     def size_for(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) of the depth map for an input of the given size."""
@@ -124,7 +131,81 @@ class OutputSpec:
             channels = 1 if (self.colormap or "gray") == "gray" else 3
             raw = height * (width * channels + 1)
             size += raw + raw // 16_000 * 5 + PNG_FRAMING
-        return size + REPLY_FRAMING
+        return size + self.points_bytes(height, width) + REPLY_FRAMING
+
+    def points_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the point cloud of a map of this size: every point_stride-th of each."""
+        stride = max(1, self.point_stride)
+        return -(-height // stride), -(-width // stride)
+
+    def points_bytes(self, height: int, width: int) -> int:
+        if not self.point_cloud:
+            return 0
+        rows, columns = self.points_grid(height, width)
+        return rows * columns * (12 + (3 if self.point_cloud_rgb else 0))
+
+
+@dataclass(frozen=True)
+class Intrinsics:
+    """A pinhole camera, in pixels of one image; pixel centres at whole coordinates (OpenCV, ROS)."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+
+    def check(self, field: str = "intrinsics") -> "Intrinsics":
+        for name in ("fx", "fy"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise InvalidArgument(f"{field}.{name}: must be a positive number of pixels, got {value!r}")
+        for name in ("cx", "cy"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidArgument(f"{field}.{name}: must be a finite number of pixels, got {getattr(self, name)!r}")
+        return self
+
+    def scaled(self, source: tuple[int, int], target: tuple[int, int]) -> "Intrinsics":
+        """These intrinsics for the image resized from `source` to `target` (height, width)."""
+        sy, sx = target[0] / source[0], target[1] / source[1]
+        return Intrinsics(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5, (self.cy + 0.5) * sy - 0.5)
+
+
+@dataclass(frozen=True)
+class Hint:
+    """A true depth at one pixel of the input image (x a column, y a row), metres."""
+
+    x: float
+    y: float
+    depth_m: float
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a request tells of its camera and scene: its intrinsics (None: the model's, if any),
+    true depths at a few pixels, and whether its stream wants stable maps."""
+
+    intrinsics: Intrinsics | None = None
+    hints: tuple[Hint, ...] = ()
+    stabilize: bool = False
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How a map was fitted to its hints; `hints_used` under 3: not fitted, the map is the model's."""
+
+    scale: float
+    shift: float
+    hints_used: int
+    hints_rejected: int
+    rmse_m: float
+
+    @property
+    def applied(self) -> bool:
+        return self.hints_used >= MIN_HINTS
+
+
+MIN_HINTS = 3
+"""Usable hints needed to fit a map to them."""
 
 
 @dataclass(frozen=True)
@@ -154,3 +235,10 @@ class DepthResult:
     field_of_view: float | None = None
     focal_length: float | None = None
     timing: StageTimes = field(default_factory=StageTimes)
+    intrinsics: Intrinsics | None = None
+    """The intrinsics used, scaled to the returned map."""
+    points: np.ndarray | None = None
+    """(rows, columns, 3) float32 x, y, z in metres, optical frame; NaN where the depth is not valid."""
+    points_rgb: np.ndarray | None = None
+    """(rows, columns, 3) uint8, the input frame's colour at each point."""
+    alignment: Alignment | None = None

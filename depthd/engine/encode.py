@@ -31,8 +31,10 @@ def encode(
     encoding: DepthEncoding,
     visualization: bool,
     lut: torch.Tensor | None,
+    vis_range: tuple[float, float] | None = None,
 ) -> EncodedMap:
-    """A float32 (H, W) map -> the encoded map, its min/max, and the optional 8-bit visualization."""
+    """A float32 (H, W) map -> the encoded map, its min/max, and the optional 8-bit visualization
+    (coloured over `vis_range`, or over the map's own min and max)."""
     finite = torch.isfinite(depth)
     safe = torch.where(finite, depth, torch.zeros((), device=depth.device, dtype=depth.dtype))
     has_values = finite.any()
@@ -45,7 +47,10 @@ def encode(
         out = millimetres(safe)
     else:
         out = depth
-    vis = visualize(safe, lo, hi, kind, lut) if visualization else None
+    if visualization and vis_range is not None:
+        vis = visualize(safe, *(torch.tensor(v, device=depth.device) for v in vis_range), kind, lut)
+    else:
+        vis = visualize(safe, lo, hi, kind, lut) if visualization else None
     return EncodedMap(out, stats, vis)
 
 
@@ -57,13 +62,13 @@ def millimetres(metres: torch.Tensor) -> torch.Tensor:
 def visualize(
     depth: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, kind: DepthKind, lut: torch.Tensor | None
 ) -> torch.Tensor:
-    """The pipeline's 8-bit depth image, min-max per frame, but always near = bright.
+    """The pipeline's 8-bit depth image, min-max per frame (or over a fixed range), but always near = bright.
 
     transformers' pipeline makes near bright for disparity and far bright for metric
     depth; here every kind shows near bright. A constant map gives black, never NaN.
     """
     span = hi - lo
-    scaled = torch.where(span > 0, (depth - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(depth))
+    scaled = torch.where(span > 0, (depth - lo) / torch.where(span > 0, span, 1.0), torch.zeros_like(depth)).clamp(0, 1)
     if not kind.larger_is_nearer:
         scaled = torch.where(span > 0, 1.0 - scaled, scaled)
     gray = (scaled * 255).to(torch.uint8)

@@ -19,16 +19,29 @@ import numpy as np
 import torch
 
 from depthd.config import ModelSettings
-from depthd.domain import DepthEncoding, DepthKind, DepthResult, Frame, OutputSpec, PixelFormat, StageTimes
+from depthd.domain import (
+    Alignment,
+    DepthEncoding,
+    DepthKind,
+    DepthResult,
+    Frame,
+    Geometry,
+    Intrinsics,
+    OutputSpec,
+    PixelFormat,
+    StageTimes,
+)
 from depthd.engine import colormaps
 from depthd.engine.checkpoints import Checkpoint, load_checkpoint
 from depthd.engine.encode import EncodedMap, encode
-from depthd.engine.geometry import focal_length_px
+from depthd.engine.geometry import Stabilizer, back_project, centred_intrinsics, colours, fit_to_hints, focal_length_px
 from depthd.engine.pixels import to_rgb
 from depthd.engine.plan import Plan
-from depthd.errors import InvalidArgument, ModelLoadError
+from depthd.errors import DepthdError, InvalidArgument, ModelLoadError
 
 logger = logging.getLogger(__name__)
+
+NO_GEOMETRY = Geometry()
 
 # Frames wrap the request's bytes read-only and are never written: torch's warning about it is noise.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -62,6 +75,19 @@ def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class _Finished:
+    """One frame's outputs on the device, before the copy back."""
+
+    encoded: EncodedMap
+    kind: DepthKind
+    field_of_view: float | None
+    intrinsics: Intrinsics | None
+    alignment: Alignment | None
+    points: torch.Tensor | None
+    points_rgb: torch.Tensor | None
+
+
+@dataclass
 class _Group:
     """Frames of one processed size after their shared forward pass; `indices` index the batch."""
 
@@ -81,6 +107,8 @@ class Prepared:
     """1 x C x H x W, on the model's device, in the model's dtype."""
     plan: Plan
     preprocess_ms: float
+    rgb: torch.Tensor | None = None
+    """uint8 3 x H x W, the frame itself on the device: kept only for coloured point clouds."""
 
     @property
     def processed(self) -> tuple[int, int]:
@@ -152,24 +180,48 @@ class DepthEngine:
         """On CPU a batch of two costs more than two single frames (docs/performance.md); on CUDA it is nearly free."""
         return 8 if self.device.type == "cuda" else 1
 
-    def check_output(self, spec: OutputSpec) -> None:
+    def check_output(self, spec: OutputSpec, geometry: Geometry | None = None) -> None:
         """Refuse what this model cannot give, before any work is done."""
-        if spec.encoding is DepthEncoding.UINT16_MM and self.kind is not DepthKind.METRIC:
+        geometry = geometry or NO_GEOMETRY
+        relative = self.kind.value.replace("_", " ")
+        metric = self.kind is DepthKind.METRIC or bool(geometry.hints)
+        if spec.encoding is DepthEncoding.UINT16_MM and not metric:
             raise InvalidArgument(
-                f"output.encoding: UINT16_MM needs a metric model; {self.name!r} gives "
-                f"{self.kind.value.replace('_', ' ')}, ask for FLOAT32 or FLOAT16"
+                f"output.encoding: UINT16_MM needs a metric model; {self.name!r} gives {relative}: ask for FLOAT32 or "
+                "FLOAT16, or send hints (true depths at a few pixels) to make it metric"
+            )
+        if spec.point_cloud and not metric:
+            raise InvalidArgument(
+                f"output.point_cloud: points need metres, and {self.name!r} gives {relative}: send at least 3 hints "
+                "(EstimateRequest.hints: true depths at a few pixels, from a LiDAR, a ToF sensor or known points), "
+                "or use a metric model"
+            )
+        if spec.point_cloud and geometry.intrinsics is None and not self.knows_intrinsics:
+            raise InvalidArgument(
+                "output.point_cloud: no camera intrinsics: set EstimateRequest.intrinsics (fx, fy, cx, cy in pixels of "
+                f"the input image), or `intrinsics` in the config of model {self.name!r}"
             )
         if spec.colormap is not None and spec.colormap not in colormaps.NAMES:
             raise InvalidArgument(f"output.colormap: {spec.colormap!r} is not one of {', '.join(colormaps.NAMES)}")
         if spec.width < 0 or spec.height < 0:
             raise InvalidArgument("output.width/height: must be 0 (the input's size) or positive")
 
-    def estimate(self, frames: list[Frame], specs: list[OutputSpec]) -> list[DepthResult]:
-        """Depth for every frame, in order; frames of one processed size share a forward pass."""
-        return self.infer(self.prepare(frames), specs)
+    @property
+    def knows_intrinsics(self) -> bool:
+        """Whether this model has a camera without being told one: from its config, or its own estimate."""
+        return self.settings.intrinsics is not None or self.checkpoint.architecture.estimates_focal_length(
+            self.checkpoint.config
+        )
 
-    def prepare(self, frames: list[Frame]) -> list[Prepared]:
-        """Pre-process frames on the device, frames of one input size and format as one tensor.
+    def estimate(
+        self, frames: list[Frame], specs: list[OutputSpec], geometries: list[Geometry] | None = None
+    ) -> list[DepthResult | DepthdError]:
+        """Depth for every frame, in order; frames of one processed size share a forward pass."""
+        return self.infer(self.prepare(frames, [spec.point_cloud_rgb for spec in specs]), specs, geometries)
+
+    def prepare(self, frames: list[Frame], keep_rgb: list[bool] | None = None) -> list[Prepared]:
+        """Pre-process frames on the device, frames of one input size and format as one tensor;
+        `keep_rgb` (per frame) keeps the frame itself on the device, for coloured point clouds.
 
         On CUDA the pool calls this on its decode threads, one frame at a time, so that
         it overlaps the forward pass of the batch before.
@@ -186,27 +238,43 @@ class DepthEngine:
                         pixels = pixels.pin_memory()
                     pixels = pixels.to(self.device, non_blocking=True)
                     plan = self.recipe.plan(height, width)
-                    values = self.recipe.preprocess(to_rgb(pixels, PixelFormat(pixel_format)), plan, self.dtype)
+                    rgb = to_rgb(pixels, PixelFormat(pixel_format))
+                    values = self.recipe.preprocess(rgb, plan, self.dtype)
                     if self.settings.channels_last:
                         values = values.contiguous(memory_format=torch.channels_last)
                 for row, index in enumerate(indices):
-                    prepared[index] = Prepared(values[row : row + 1], plan, took[0] / len(indices))
+                    kept = rgb[row] if keep_rgb is not None and keep_rgb[index] else None
+                    prepared[index] = Prepared(values[row : row + 1], plan, took[0] / len(indices), kept)
         return prepared
 
-    def infer(self, prepared: list[Prepared], specs: list[OutputSpec]) -> list[DepthResult]:
-        """Forward and post-process pre-processed frames, one forward pass per processed size."""
+    def infer(
+        self,
+        prepared: list[Prepared],
+        specs: list[OutputSpec],
+        geometries: list[Geometry] | None = None,
+        stabilizers: list[Stabilizer | None] | None = None,
+    ) -> list[DepthResult | DepthdError]:
+        """Forward and post-process pre-processed frames, one forward pass per processed size.
+
+        Per frame: its output spec, its geometry (intrinsics, hints, stabilize) and, for a
+        stabilized stream's frame, its stream's stabilizer. A frame that cannot have what it
+        asked for (points when its hints did not make it metric) gets its error, in its place."""
         if len(prepared) != len(specs):
             raise ValueError("one OutputSpec per frame")
-        for spec in specs:
-            self.check_output(spec)
+        geometries = geometries or [NO_GEOMETRY] * len(specs)
+        stabilizers = stabilizers or [None] * len(specs)
+        for spec, geometry in zip(specs, geometries):
+            self.check_output(spec, geometry)
         with torch.inference_mode():
             with self._stage() as inference:
                 groups = self._forward(prepared)
             with self._stage() as postprocess:
-                encoded = self._postprocess(groups, prepared, specs)
-                results = self._to_host(encoded, specs)
+                finished = self._postprocess(groups, prepared, specs, geometries, stabilizers)
+                results = [item if isinstance(item, DepthdError) else self._to_host(item, spec)
+                           for item, spec in zip(finished, specs)]
         for item, result in zip(prepared, results):
-            result.timing = StageTimes(item.preprocess_ms, inference[0], postprocess[0], len(prepared))
+            if isinstance(result, DepthResult):
+                result.timing = StageTimes(item.preprocess_ms, inference[0], postprocess[0], len(prepared))
         return results
 
     def warmup(self, sizes: tuple[tuple[int, int], ...], batch: int = 1) -> None:
@@ -242,8 +310,17 @@ class DepthEngine:
             groups.append(_Group(indices, predicted, None if fov is None else fov.flatten()))
         return groups
 
-    def _postprocess(self, groups: list[_Group], prepared: list[Prepared], specs: list[OutputSpec]) -> dict[int, tuple]:
-        out: dict[int, tuple] = {}
+    def _postprocess(
+        self,
+        groups: list[_Group],
+        prepared: list[Prepared],
+        specs: list[OutputSpec],
+        geometries: list[Geometry],
+        stabilizers: list[Stabilizer | None],
+    ) -> list[_Finished | DepthdError]:
+        """The recipe's post-processing, then per frame, in batch order (so that a stream's frames
+        reach its stabilizer in order): the geometry and the encoding asked for."""
+        out: list[_Finished | DepthdError | None] = [None] * len(specs)
         for group in groups:
             predicted = group.predicted.float()
             by_output: dict[tuple[Plan, tuple[int, int]], list[int]] = defaultdict(list)
@@ -255,32 +332,77 @@ class DepthEngine:
                 depth = self.recipe.postprocess(predicted[positions], fov, plan, out_size)
                 for row, position in enumerate(positions):
                     index = group.indices[position]
-                    spec = specs[index]
-                    encoded = encode(depth[row], self.kind, spec.encoding, spec.visualization, self._lut(spec.colormap))
-                    out[index] = (encoded, None if fov is None else float(fov[row]))
+                    frame_fov = None if fov is None else float(fov[row])
+                    try:
+                        out[index] = self._finish(depth[row], prepared[index], specs[index], geometries[index],
+                                                  stabilizers[index], frame_fov)
+                    except DepthdError as error:
+                        out[index] = error
         return out
 
-    def _to_host(self, encoded: dict[int, tuple], specs: list[OutputSpec]) -> list[DepthResult]:
-        results = []
-        for index in range(len(specs)):
-            item, fov = encoded[index]
-            item: EncodedMap
-            lo, hi = item.stats.cpu().tolist()
-            depth = item.depth.cpu().numpy()
-            vis = None if item.visualization is None else item.visualization.cpu().numpy()
-            results.append(
-                DepthResult(
-                    depth=depth,
-                    encoding=specs[index].encoding,
-                    kind=self.kind,
-                    min=lo,
-                    max=hi,
-                    visualization=vis,
-                    field_of_view=fov,
-                    focal_length=None if fov is None else focal_length_px(fov, depth.shape[1]),
-                )
+    def _finish(
+        self,
+        depth: torch.Tensor,
+        item: Prepared,
+        spec: OutputSpec,
+        geometry: Geometry,
+        stabilizer: Stabilizer | None,
+        fov: float | None,
+    ) -> _Finished:
+        """One frame's map: fitted to its hints or stabilized, its points, encoded as asked."""
+        kind, alignment = self.kind, None
+        if geometry.hints:
+            fitted = fit_to_hints(depth, kind, geometry.hints, item.input_size)
+            alignment = fitted.alignment
+            if alignment.applied:
+                depth, kind = fitted.depth, DepthKind.METRIC
+        elif stabilizer is not None and kind is not DepthKind.METRIC:
+            depth = stabilizer(depth)
+        intrinsics = self._intrinsics(geometry, item.input_size, tuple(depth.shape), fov)
+        if kind is not DepthKind.METRIC and (spec.point_cloud or spec.encoding is DepthEncoding.UINT16_MM):
+            raise InvalidArgument(
+                f"hints: only {alignment.hints_used} of the {len(geometry.hints)} hints were usable (at least 3 agreeing "
+                "ones are needed), so this frame's depth is not metric and "
+                + ("output.point_cloud" if spec.point_cloud else "UINT16_MM") + " cannot be given"
             )
-        return results
+        points = points_rgb = None
+        if spec.point_cloud:
+            points = back_project(depth, intrinsics, spec.point_stride)
+            if spec.point_cloud_rgb and item.rgb is not None:
+                points_rgb = colours(item.rgb, tuple(depth.shape), spec.point_stride)
+        lut = self._lut(spec.colormap)
+        encoded = encode(depth, kind, spec.encoding, spec.visualization, lut, spec.vis_range)
+        return _Finished(encoded, kind, fov, intrinsics, alignment, points, points_rgb)
+
+    def _intrinsics(
+        self, geometry: Geometry, input_size: tuple[int, int], map_size: tuple[int, int], fov: float | None
+    ) -> Intrinsics | None:
+        """The request's intrinsics, else the model's configured ones, else (Depth Pro) its own
+        focal length with the principal point at the centre: scaled to the returned map."""
+        known = geometry.intrinsics or self.settings.intrinsics
+        if known is None and fov is not None:
+            known = centred_intrinsics(focal_length_px(fov, input_size[1]), *input_size)
+        return None if known is None else known.scaled(input_size, map_size)
+
+    def _to_host(self, item: _Finished, spec: OutputSpec) -> DepthResult:
+        lo, hi = item.encoded.stats.cpu().tolist()
+        depth = item.encoded.depth.cpu().numpy()
+        vis = None if item.encoded.visualization is None else item.encoded.visualization.cpu().numpy()
+        fov = item.field_of_view
+        return DepthResult(
+            depth=depth,
+            encoding=spec.encoding,
+            kind=item.kind,
+            min=lo,
+            max=hi,
+            visualization=vis,
+            field_of_view=fov,
+            focal_length=None if fov is None else focal_length_px(fov, depth.shape[1]),
+            intrinsics=item.intrinsics,
+            points=None if item.points is None else item.points.cpu().numpy(),
+            points_rgb=None if item.points_rgb is None else item.points_rgb.cpu().numpy(),
+            alignment=item.alignment,
+        )
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -6,8 +6,20 @@ format, an output size beyond the limit) happens here, with errors that name the
 
 from __future__ import annotations
 
+import math
+
 from depthd.config import Limits
-from depthd.domain import DepthEncoding, DepthKind, OutputSpec, PixelFormat
+from depthd.domain import (
+    Alignment,
+    DepthEncoding,
+    DepthKind,
+    DepthResult,
+    Geometry,
+    Hint,
+    Intrinsics,
+    OutputSpec,
+    PixelFormat,
+)
 from depthd.errors import InvalidArgument
 from depthd.serving.batcher import PoolResult
 from depthd.serving.frames import EncodedImage, ImageSource, RawImage
@@ -21,6 +33,8 @@ _ENCODINGS = {pb.DepthEncoding.Value(f"DEPTH_ENCODING_{e.name}"): e for e in Dep
 _ENCODINGS[pb.DEPTH_ENCODING_UNSPECIFIED] = DepthEncoding.FLOAT32
 _ENCODING_TO_PB = {e: pb.DepthEncoding.Value(f"DEPTH_ENCODING_{e.name}") for e in DepthEncoding}
 _KINDS = {k: pb.DepthKind.Value(f"DEPTH_KIND_{k.name}") for k in DepthKind}
+MAX_HINTS = 10_000
+"""Hints one request may carry: a dense LiDAR scan, subsampled; more would cost the fit for nothing."""
 
 
 def image_source(request: pb.EstimateRequest) -> ImageSource:
@@ -41,13 +55,35 @@ def output_spec(request: pb.EstimateRequest, limits: Limits) -> OutputSpec:
         value = getattr(output, name)
         if value > limits.max_output_side:
             raise InvalidArgument(f"output.{name}: {value} is over the limit of {limits.max_output_side}")
+    if not (math.isfinite(output.vis_min) and math.isfinite(output.vis_max)):
+        raise InvalidArgument("output.vis_min/vis_max: must be finite numbers (0 and 0: each frame's own range)")
+    fixed = output.vis_min != 0 or output.vis_max != 0
+    if fixed and output.vis_max <= output.vis_min:
+        raise InvalidArgument(f"output.vis_max: {output.vis_max:g} must be over vis_min ({output.vis_min:g})")
     return OutputSpec(
         encoding=_ENCODINGS[output.encoding],
         width=output.width,
         height=output.height,
         visualization=output.visualization,
         colormap=output.colormap or None,
+        point_cloud=output.point_cloud,
+        point_stride=max(1, output.point_stride),
+        point_cloud_rgb=output.point_cloud_rgb,
+        vis_range=(output.vis_min, output.vis_max) if fixed else None,
     )
+
+
+def geometry(request: pb.EstimateRequest) -> Geometry:
+    """The request's camera, hints and stabilize flag; hints are checked one by one later (a bad
+    one is rejected and counted, never an error), the intrinsics here."""
+    if len(request.hints) > MAX_HINTS:
+        raise InvalidArgument(f"hints: {len(request.hints)} of them, over the limit of {MAX_HINTS}")
+    intrinsics = None
+    if request.HasField("intrinsics"):
+        k = request.intrinsics
+        intrinsics = Intrinsics(k.fx, k.fy, k.cx, k.cy).check("intrinsics")
+    hints = tuple(Hint(h.x, h.y, h.depth_m) for h in request.hints)
+    return Geometry(intrinsics, hints, request.stabilize)
 
 
 def response(request: pb.EstimateRequest, done: PoolResult) -> pb.EstimateResponse:
@@ -86,7 +122,29 @@ def response(request: pb.EstimateRequest, done: PoolResult) -> pb.EstimateRespon
         ),
         field_of_view_deg=result.field_of_view or 0.0,
         focal_length_px=result.focal_length or 0.0,
+        intrinsics=_intrinsics(result.intrinsics),
+        points=_points(result),
+        alignment=_alignment(result.alignment),
     )
+
+
+def _intrinsics(k: Intrinsics | None) -> pb.CameraIntrinsics | None:
+    return None if k is None else pb.CameraIntrinsics(fx=k.fx, fy=k.fy, cx=k.cx, cy=k.cy)
+
+
+def _points(result: DepthResult) -> pb.PointCloud | None:
+    if result.points is None:
+        return None
+    rows, columns = result.points.shape[:2]
+    rgb = b"" if result.points_rgb is None else result.points_rgb.tobytes()
+    return pb.PointCloud(width=columns, height=rows, xyz=result.points.astype("<f4", copy=False).tobytes(), rgb=rgb)
+
+
+def _alignment(a: Alignment | None) -> pb.Alignment | None:
+    if a is None:
+        return None
+    return pb.Alignment(scale=a.scale, shift=a.shift, hints_used=a.hints_used, hints_rejected=a.hints_rejected,
+                        rmse_m=a.rmse_m)
 
 
 def ids_only(request: pb.EstimateRequest) -> pb.EstimateRequest:

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import grpc
 
 from depthd.config import Limits
-from depthd.errors import DepthdError, Unavailable
+from depthd.errors import DepthdError, InvalidArgument, Unavailable
 from depthd.server import convert
 from depthd.server.status import INTERNAL_MESSAGE, Calls, refusals, status_of, stream_errors, unary_errors
 from depthd.serving.batcher import Lane, PoolResult, release_result
@@ -145,8 +145,13 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
     ) -> "Future[PoolResult]":
         source = convert.image_source(request)
         output = convert.output_spec(request, self.limits)
+        geometry = convert.geometry(request)
+        if geometry.stabilize and lane is None:
+            raise InvalidArgument(
+                "stabilize: for a stream's frames (EstimateStream); a single call has no frames before it to be stable with"
+            )
         latest_wins = lane is not None and request.latest_frame_wins
-        return self.pool.submit(request.model, source, output, deadline, lane, latest_wins)
+        return self.pool.submit(request.model, source, output, deadline, lane, latest_wins, geometry)
 
     def _refuse_if_draining(self) -> None:
         if self.draining.is_set():

@@ -19,8 +19,9 @@ from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from depthd.config import ModelSettings
-from depthd.domain import DepthResult, Frame, OutputSpec
-from depthd.engine.engine import DepthEngine, Prepared
+from depthd.domain import DepthResult, Frame, Geometry, OutputSpec
+from depthd.engine.engine import NO_GEOMETRY, DepthEngine, Prepared
+from depthd.engine.geometry import Stabilizer
 from depthd.errors import DeadlineExceeded, DepthdError, ResourceExhausted, Unavailable
 from depthd.serving.budget import ByteBudget, Hold
 from depthd.serving.frames import ImageSource, encode_png
@@ -70,6 +71,11 @@ class Lane:
     def __init__(self) -> None:
         self.dropped = 0
         """Frames of this lane dropped for a newer one."""
+        self.stabilizers: dict[str, Stabilizer] = {}
+        """Per model, this stream's running reference (stabilize): gone with the stream."""
+
+    def stabilizer(self, model: str) -> Stabilizer:
+        return self.stabilizers.setdefault(model, Stabilizer())
 
 
 @dataclass(eq=False)
@@ -84,6 +90,7 @@ class Job:
     deadline: float | None
     lane: object
     hold: Hold
+    geometry: Geometry = NO_GEOMETRY
     frame: Frame | None = None
     processed: tuple[int, int] | None = None
     """The size the model sees this frame at: only frames of one size share a batch."""
@@ -291,16 +298,19 @@ class Batcher:
     def _prepared(self, batch: list[Job]) -> list[Prepared]:
         """The batch's input tensors: made on the decode threads where that overlaps the forward
         pass (CUDA), or here, where it would only compete with it for the cores (CPU)."""
-        late = [r for r in batch if r.prepared is None]
-        for request, prepared in zip(late, self.engine.prepare([r.frame for r in late])):
-            request.prepared = prepared
-        return [r.prepared for r in batch]
+        late = [job for job in batch if job.prepared is None]
+        for job, prepared in zip(late, self.engine.prepare([j.frame for j in late], [j.output.point_cloud_rgb for j in late])):
+            job.prepared = prepared
+        return [job.prepared for job in batch]
 
     def _process(self, batch: list[Job]) -> None:
         started = time.monotonic()
         try:
             prepared = self._prepared(batch)
-            results = self.engine.infer(prepared, [r.output for r in batch])
+            results = self.engine.infer(
+                prepared, [job.output for job in batch], [job.geometry for job in batch],
+                [self._stabilizer(job) for job in batch],
+            )
         except Exception as error:
             if len(batch) > 1:
                 # Frames of other streams shared this pass: run each alone, so only
@@ -320,15 +330,26 @@ class Batcher:
         self.heartbeat = time.monotonic()
         for job, result in zip(batch, results):
             job.source = job.frame = job.prepared = None
+            if isinstance(result, DepthdError):
+                job.hold.release()
+                _settle(job.future, error=result)
+                continue
             try:
                 self.executor.submit(self._finish, job, result, started)
             except RuntimeError:  # shut down: the daemon has stopped waiting for this answer
                 job.hold.release()
 
+    def _stabilizer(self, job: Job) -> Stabilizer | None:
+        """The job's stream's running reference for this model, when it asks to be stabilized."""
+        if job.geometry.stabilize and isinstance(job.lane, Lane):
+            return job.lane.stabilizer(self.settings.name)
+        return None
+
     def _finish(self, job: Job, result: DepthResult, started: float) -> None:
         """On the pool's executor: encode the visualization, count the reply's real bytes, answer."""
         png = encode_png(result.visualization) if result.visualization is not None else None
-        job.hold.shrink_to(result.depth.nbytes + len(png or b""))
+        points = sum(array.nbytes for array in (result.points, result.points_rgb) if array is not None)
+        job.hold.shrink_to(result.depth.nbytes + len(png or b"") + points)
         done = time.monotonic()
         answer = PoolResult(
             result=result,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from depthd.config import Settings
-from depthd.domain import DepthKind, OutputSpec
-from depthd.engine.engine import DepthEngine, cpu_threads, set_torch_threads
+from depthd.domain import DepthKind, Geometry, OutputSpec
+from depthd.engine.engine import NO_GEOMETRY, DepthEngine, cpu_threads, set_torch_threads
 from depthd.errors import DepthdError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from depthd.serving.batcher import Batcher, Job, Lane, PoolResult
 from depthd.serving.budget import ByteBudget, Hold
@@ -164,6 +164,7 @@ class ModelPool:
         deadline: float | None = None,
         lane: Lane | None = None,
         latest_wins: bool = False,
+        geometry: Geometry = NO_GEOMETRY,
     ) -> "Future[PoolResult]":
         """Queue one frame for `model` ("" = default) from `lane` (a stream; None: a lane of its own).
 
@@ -172,10 +173,10 @@ class ModelPool:
         frames still waiting for this model resolve at once as dropped.
         """
         batcher = self._batcher(model)
-        batcher.engine.check_output(output)
+        batcher.engine.check_output(output, geometry)
         hold = Hold(batcher.budget)
         hold.grow(len(source.data), "this frame's request")
-        job = Job(source, output, Future(), time.monotonic(), deadline, lane, hold)
+        job = Job(source, output, Future(), time.monotonic(), deadline, lane, hold, geometry)
         if lane is None:
             job.lane = job
         try:
@@ -202,7 +203,7 @@ class ModelPool:
             job.source = None
             job.processed = batcher.engine.processed_size(job.frame.height, job.frame.width)
             if batcher.engine.prepares_concurrently:
-                job.prepared = batcher.engine.prepare([job.frame])[0]
+                job.prepared = batcher.engine.prepare([job.frame], [job.output.point_cloud_rgb])[0]
         except Exception as error:
             batcher.fail(job, error)
             return
@@ -220,7 +221,20 @@ class ModelPool:
                 f"output: the depth map would be {out_width}x{out_height} ({asked}), over the limit of {side} a side "
                 f"(limits.max_output_side); ask for a smaller output.width or output.height"
             )
+        rows, columns = output.points_grid(out_height, out_width)
+        if output.point_cloud and (output.point_stride > out_height or output.point_stride > out_width):
+            raise InvalidArgument(
+                f"output.point_stride: {output.point_stride} is larger than the {out_width}x{out_height} map: "
+                f"at most {min(out_height, out_width)}"
+            )
         reply = output.reply_bytes(out_height, out_width)
+        limit = self.limits.max_message_bytes
+        if reply > limit and output.point_cloud:
+            raise ResourceExhausted(
+                f"output.point_stride: a {columns}x{rows} point cloud (stride {output.point_stride}) makes the reply "
+                f"up to {reply} bytes, over the {limit} of limits.max_message_bytes; ask for a point_stride of "
+                f"{_stride_that_fits(output, out_height, out_width, limit)} or more, or a smaller output.width/height"
+            )
         if reply > self.limits.max_message_bytes:
             raise ResourceExhausted(
                 f"output: a {out_width}x{out_height} {output.encoding.name} map"
@@ -292,3 +306,11 @@ class ModelPool:
         if name in self.names:
             raise Unavailable(f"model {name!r} is still loading")
         raise NotFound(f"model {name!r} is not served; served: {', '.join(self.names)}")
+
+
+def _stride_that_fits(output: OutputSpec, height: int, width: int, limit: int) -> int:
+    """The smallest point_stride whose reply fits in `limit` bytes (the map alone may not)."""
+    for stride in range(max(2, output.point_stride + 1), max(height, width) + 1):
+        if dataclasses.replace(output, point_stride=stride).reply_bytes(height, width) <= limit:
+            return stride
+    return max(height, width)

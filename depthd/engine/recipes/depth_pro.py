@@ -81,5 +81,6 @@ ARCHITECTURES = (
         },
         _kind,
         classes=("DepthProForDepthEstimation",),
+        estimates_focal_length=lambda config: getattr(config, "use_fov_model", False),
     ),
 )
