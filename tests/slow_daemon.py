@@ -19,7 +19,7 @@ _infer = engine.DepthEngine.infer
 _never = threading.Event()
 
 
-def infer(self, prepared, specs):
+def infer(self, prepared, specs, *args, **kwargs):
     widths = [item.input_size[1] for item in prepared]
     if HANG_WIDTH in widths:
         _never.wait()
@@ -29,12 +29,11 @@ def infer(self, prepared, specs):
         while time.monotonic() < until:
             a = torch.tanh(a @ a)
     time.sleep(0.3 * widths.count(SLOW_WIDTH))
-    return _infer(self, prepared, specs)
+    return _infer(self, prepared, specs, *args, **kwargs)
 
-
-engine.DepthEngine.infer = infer
 
 if __name__ == "__main__":
     from depthd.ops.cli import main
 
+    engine.DepthEngine.infer = infer  # only in the daemon this script runs, never in a test process importing it
     sys.exit(main(sys.argv[1:]))
