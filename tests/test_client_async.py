@@ -240,4 +240,4 @@ def test_the_literal_types_cover_the_protos_enums():
     assert set(typing.get_args(messages.DepthKind)) == names(pb.DepthKind, "DEPTH_KIND_")
     per_frame = {name for name in StreamFrame.__dataclass_fields__ if name != "image"}
     assert per_frame <= RequestOptions.__optional_keys__
-    assert RequestOptions.__optional_keys__ - StreamOptions.__optional_keys__ == {"frame_id", "timestamp_ns"}
+    assert RequestOptions.__optional_keys__ - StreamOptions.__optional_keys__ == {"frame_id", "timestamp_ns", "hints"}

@@ -108,12 +108,12 @@ class AsyncDepthClient:
     ) -> AsyncIterator[DepthResult]:
         """One result per frame, in order, over one stream: `async for result in client.stream(frames)`.
         `frames` is a sync or async iterable of images (as for `estimate`; numpy frames are RGB unless
-        `pixel_format` says otherwise) or `StreamFrame`s, which carry their own id, capture time or pixel
-        format; a sync one is read on the event loop, so it must not block. `options` hold for every
-        frame, and are checked here, before the stream opens. A frame the daemon fails comes back with
-        `error` set and the stream goes on; a frame that cannot be sent raises its error after the
-        results of the frames before it. Stopping early cancels the stream (at once with
-        `contextlib.aclosing`, else when asyncio finalizes the iterator)."""
+        `pixel_format` says otherwise) or `StreamFrame`s, which carry their own id, capture time, pixel
+        format, camera or hints; a sync one is read on the event loop, so it must not block. `options`
+        hold for every frame (`stabilize` among them), and are checked here, before the stream opens. A
+        frame the daemon fails comes back with `error` set and the stream goes on; a frame that cannot be
+        sent raises its error after the results of the frames before it. Stopping early cancels the
+        stream (at once with `contextlib.aclosing`, else when asyncio finalizes the iterator)."""
         requests = StreamRequests(options, latest_frame_wins)
         return self._results(requests, frames, timeout)
 

@@ -1,5 +1,6 @@
 """`depthctl`: estimate, stream, list models and check health against a running depthd, over TLS
-(and mTLS) and with a token when the daemon asks for them."""
+(and mTLS) and with a token when the daemon asks for them; depth maps, visualizations and point clouds
+(PLY) as files, with the camera's intrinsics and true depths at a few pixels (hints) sent along."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import glob
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 
 from depthd_client import files
 from depthd_client.channels import read_token_file
 from depthd_client.client import DEFAULT_TARGET, DepthClient, DepthdError
+from depthd_client.messages import StreamFrame
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -41,9 +45,21 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--output", metavar="DIR", help="write a file per image into DIR")
         sub.add_argument("--format", choices=files.FORMATS, default="npy",
                          help="npy: float32 map; png16: 16-bit PNG (millimetres if metric, else stretched); "
-                              "vis: 8-bit visualization PNG (default npy)")
+                              "vis: 8-bit visualization PNG; ply: binary point cloud, metres in the camera's "
+                              "optical frame (needs metric depth, or --hints, and a camera) (default npy)")
         sub.add_argument("--model", default="", help="a model name from `depthctl models` (default: the daemon's)")
         sub.add_argument("--colormap", default="", help="for --format vis: gray, turbo or inferno")
+        sub.add_argument("--vis-range", type=_numbers("MIN,MAX", 2), metavar="MIN,MAX",
+                         help="for --format vis: a fixed colour range in the map's unit (default: each frame's own)")
+        geometry = sub.add_argument_group("geometry")
+        geometry.add_argument("--intrinsics", type=_numbers("fx,fy,cx,cy", 4), metavar="fx,fy,cx,cy",
+                              help="the camera, in pixels of the input images (default: the model's configured one)")
+        geometry.add_argument("--hints", type=_hints, metavar="FILE.csv",
+                              help="true depths, a line x,y,depth_m each (pixels, metres; a header line allowed), "
+                                   "sent with every image: makes a relative model's map metric")
+        geometry.add_argument("--point-stride", type=_stride, metavar="N",
+                              help="for --format ply: every N-th row and column (default: every pixel)")
+        geometry.add_argument("--rgb", action="store_true", help="for --format ply: the points' colours too")
 
     estimate = commands.add_parser("estimate", help="depth for each image, one call each")
     estimate.add_argument("images", nargs="+", metavar="IMG")
@@ -53,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     stream.add_argument("source", metavar="DIR_OR_GLOB")
     stream.add_argument("--latest-frame-wins", action="store_true",
                         help="let the daemon skip frames that wait while a newer one arrives")
+    stream.add_argument("--stabilize", action="store_true",
+                        help="align each frame of a relative model to the stream's running reference: no flicker")
     outputs(stream)
 
     models = commands.add_parser("models", help="the models the daemon serves")
@@ -64,6 +82,58 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _numbers(form: str, count: int) -> Callable[[str], tuple[float, ...]]:
+    """An argparse type: `count` comma-separated numbers, as `form` says."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(cell) for cell in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != count:
+            raise argparse.ArgumentTypeError(f"expected {form} ({count} numbers), got {text!r}")
+        return values
+
+    return parse
+
+
+def _hints(path: str) -> np.ndarray:
+    try:
+        return files.read_hints(path)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _stride(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say by itself: the flags that need another."""
+    if args.command in ("estimate", "stream") and args.format != "ply":
+        given = [flag for flag, value in (("--rgb", args.rgb), ("--point-stride", args.point_stride)) if value]
+        if given:
+            parser.error(f"{' and '.join(given)} go with --format ply")
+
+
+def _request_options(client: DepthClient, args: argparse.Namespace, folder: Path | None) -> dict[str, Any]:
+    """What each image of `estimate` or `stream` asks for: the model, the camera, and what the files need."""
+    options: dict[str, Any] = {"model": args.model, "colormap": args.colormap}
+    if folder:
+        options.update(files.request_options(args.format, _is_metric(client, args.model)))
+        if args.format == "ply":
+            options.update(point_cloud_rgb=args.rgb, point_stride=args.point_stride or 0)
+    if args.intrinsics:
+        options["intrinsics"] = args.intrinsics
+    if args.vis_range:
+        options["vis_min"], options["vis_max"] = args.vis_range
+    if getattr(args, "stabilize", False):
+        options["stabilize"] = True
+    return options
+
+
 def _is_metric(client: DepthClient, model: str) -> bool:
     for info in client.models():
         if info.name == model or (not model and info.is_default):
@@ -73,11 +143,14 @@ def _is_metric(client: DepthClient, model: str) -> bool:
 
 def _estimate(client: DepthClient, args: argparse.Namespace) -> int:
     folder = _output_folder(args)
-    options = files.request_options(args.format, _is_metric(client, args.model)) if folder else {}
+    options = _request_options(client, args, folder)
     for image in args.images:
-        result = client.estimate(image, model=args.model, colormap=args.colormap, **options)
+        result = client.estimate(image, hints=args.hints, **options)
         line = f"{image}: {result.kind}, {result.depth.shape[1]}x{result.depth.shape[0]}, " \
                f"{result.min:.3f}..{result.max:.3f}, {result.timing.total_ms:.1f} ms"
+        if result.alignment is not None:
+            a = result.alignment
+            line += f", hints {a.hints_used} used {a.hints_rejected} rejected (rmse {a.rmse_m:.3f} m)"
         if folder:
             path = files.output_path(image, folder, args.format)
             files.write(result, path, args.format)
@@ -92,12 +165,11 @@ def _stream(client: DepthClient, args: argparse.Namespace) -> int:
         print(f"depthctl: no images in {args.source}", file=sys.stderr)
         return 2
     folder = _output_folder(args)
-    options = files.request_options(args.format, _is_metric(client, args.model)) if folder else {}
+    options = _request_options(client, args, folder)
     started = time.monotonic()
     latencies, failed, dropped = [], 0, 0
-    frames = (path.read_bytes() for path in paths)
-    results = client.stream(frames, model=args.model, colormap=args.colormap,
-                            latest_frame_wins=args.latest_frame_wins, **options)
+    frames = (StreamFrame(path.read_bytes(), hints=args.hints) for path in paths)
+    results = client.stream(frames, latest_frame_wins=args.latest_frame_wins, **options)
     for count, (path, result) in enumerate(zip(paths, results), start=1):
         if result.error is not None:
             failed += 1
@@ -200,7 +272,9 @@ def _hint(error: DepthdError, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
     try:
         client = _connect(args)
     except (OSError, ValueError) as error:  # a token or PEM file that cannot be read, options that do not fit
@@ -221,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as error:
             print(f"depthctl: {error}", file=sys.stderr)
             return 2
+        except ValueError as error:  # an answer that lacks what the file needs (a daemon without point clouds)
+            print(f"depthctl: {error}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -117,9 +117,10 @@ class DepthClient:
     ) -> Iterator[DepthResult]:
         """One result per frame, in order, over one stream. Items are images (as for `estimate`; numpy
         frames are RGB unless `pixel_format` says otherwise) or `StreamFrame`s, which carry their own
-        id, capture time or pixel format. `options` hold for every frame. A frame the daemon fails comes
-        back with `error` set and the stream goes on; a frame that cannot be sent raises its error after
-        the results of the frames before it. Stopping the iteration early cancels the stream."""
+        id, capture time, pixel format, camera or hints (a LiDAR's, each frame). `options` hold for every
+        frame (`stabilize` among them). A frame the daemon fails comes back with `error` set and the stream
+        goes on; a frame that cannot be sent raises its error after the results of the frames before it.
+        Stopping the iteration early cancels the stream."""
         requests = StreamRequests(options, latest_frame_wins)
         return self._results(requests, frames, timeout)
 

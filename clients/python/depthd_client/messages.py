@@ -5,13 +5,16 @@ sync client (`client.py`) and the asyncio client (`aio.py`) share all of it, and
 Each request option is defined once, in `RequestOptions` (or `StreamOptions`, the part of it that
 holds for a whole stream), and turned into the message in one place, `_output` or `_request`; both
 clients and `build_request` take it from there. Numpy frames are RGB unless `pixel_format` says otherwise.
+The geometry travels both ways: a camera (`CameraIntrinsics`) and true depths at a few pixels (hints)
+go out, and the camera used, an organized point cloud and the fit to the hints (`Alignment`) come back.
 """
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,6 +54,39 @@ ImageLike = Any
 numpy array (RGB unless `pixel_format` says otherwise), or a PIL image."""
 
 
+@dataclass(frozen=True)
+class CameraIntrinsics:
+    """A pinhole camera (no distortion) in pixels of the image it belongs to, pixel centres at whole
+    coordinates (the top-left pixel's centre is 0, 0), as in OpenCV and ROS's CameraInfo."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """How a map was fitted to the request's hints: metric = scale * relative + shift (in inverse depth for
+    a relative disparity model; a metric model is corrected by a scale alone). Under 3 `hints_used`: no fit,
+    the map is as the model gave it. `hints_rejected`: outside the image, not finite, not positive, or
+    outliers of the fit. `rmse_m`: of the fitted depth at the hints used, in metres."""
+
+    scale: float
+    shift: float
+    hints_used: int
+    hints_rejected: int
+    rmse_m: float
+
+
+IntrinsicsLike = Union[CameraIntrinsics, Sequence[float], np.ndarray]
+"""A camera: a `CameraIntrinsics`, or (fx, fy, cx, cy) as any sequence of 4 numbers (a numpy array too),
+in pixels of the input image."""
+HintsLike = Union[Iterable[Sequence[float]], np.ndarray]
+"""True depths at a few pixels of the input image: (x, y, depth_m) triples (column, row, metres along the
+optical axis), as an iterable of 3-sequences or an Nx3 numpy array."""
+
+
 class StreamOptions(TypedDict, total=False):
     """The options that hold for every frame of a stream, and for a single request.
     Leave one out for the daemon's default."""
@@ -69,14 +105,35 @@ class StreamOptions(TypedDict, total=False):
     """Of the visualization."""
     pixel_format: PixelFormat
     """Of a numpy frame: rgb8 (3 channels), rgba8 (4) or gray8 (2-D) if left out."""
+    vis_min: float
+    """With vis_max: the visualization's fixed colour range, in the map's unit, so that a stream's colours
+    do not flicker; both left out (or 0): each frame's own min and max."""
+    vis_max: float
+    point_cloud: bool
+    """Also return the map as an organized point cloud (`DepthResult.points`), metres in the camera's
+    optical frame. The daemon needs metric depth (a metric model, or `hints`) and a camera (`intrinsics`,
+    the model's config, or Depth Pro's own focal length); else INVALID_ARGUMENT."""
+    point_stride: int
+    """Of the point cloud: every n-th row and column of the map; 0 or 1 = every pixel."""
+    point_cloud_rgb: bool
+    """With point_cloud: also the input frame's colour of each point (`DepthResult.points_rgb`)."""
+    intrinsics: IntrinsicsLike
+    """The camera, in pixels of the input image: a `CameraIntrinsics` or (fx, fy, cx, cy). Left out: the
+    model's configured camera, if any. In a stream, for every frame (a `StreamFrame` may bring its own)."""
+    stabilize: bool
+    """Streams, relative models: align each frame's scale and shift to the stream's running reference, so
+    the map does not flicker. A single request (`estimate`) refuses it."""
 
 
 class RequestOptions(StreamOptions, total=False):
-    """The options of one request: those of `StreamOptions`, and the frame's own id and capture time,
-    both echoed in the result. In a stream a frame carries these in its `StreamFrame`."""
+    """The options of one request: those of `StreamOptions`, the frame's own id and capture time, both
+    echoed in the result, and its hints. In a stream a frame carries these in its `StreamFrame`."""
 
     frame_id: int
     timestamp_ns: int
+    hints: HintsLike
+    """True depths at a few pixels, (x, y, depth_m) each: with at least 3 usable ones the map is made
+    metric (a relative model) or corrected (a metric one); see `DepthResult.alignment`."""
 
 
 class DepthdError(Exception):
@@ -140,6 +197,16 @@ class DepthResult:
     error: FrameError | None = None
     stream_dropped: int = 0
     """Streams: frames of this stream dropped so far, when this result was sent."""
+    points: np.ndarray | None = None
+    """With point_cloud: an organized HxWx3 float32 cloud (every point_stride-th row and column of the
+    map), x right, y down, z forward, metres, in the camera's optical frame; NaN where the depth is not
+    valid."""
+    points_rgb: np.ndarray | None = None
+    """With point_cloud_rgb: HxWx3 uint8, each point's colour (R, G, B) from the input frame."""
+    intrinsics: CameraIntrinsics | None = None
+    """The camera the daemon used, scaled to the returned map; None when it knew none."""
+    alignment: Alignment | None = None
+    """How the map was fitted to the request's hints; None without hints."""
 
     @property
     def ok(self) -> bool:
@@ -182,15 +249,18 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class StreamFrame:
-    """A frame for `stream` with its own id, capture time or pixel format; a plain image gets its
-    index in the stream, the time it is sent, and the stream's pixel format. Numpy frames are RGB
-    unless `pixel_format` says otherwise. Every field but `image` is a `RequestOptions` key, and
-    overrides the stream's options for this frame."""
+    """A frame for `stream` with its own id, capture time, pixel format, camera or hints; a plain image
+    gets its index in the stream, the time it is sent, and the stream's pixel format and camera. Numpy
+    frames are RGB unless `pixel_format` says otherwise. Every field but `image` is a `RequestOptions`
+    key, and overrides the stream's options for this frame."""
 
     image: ImageLike
     frame_id: int | None = None
     timestamp_ns: int | None = None
     pixel_format: PixelFormat | None = None
+    intrinsics: IntrinsicsLike | None = None
+    hints: HintsLike | None = None
+    """This frame's true depths at a few pixels (x, y, depth_m), e.g. from a LiDAR: see `RequestOptions`."""
 
 
 Frames = Union[Iterable[Union[ImageLike, StreamFrame]], AsyncIterable[Union[ImageLike, StreamFrame]]]
@@ -210,18 +280,24 @@ _REQUEST_KEYS = RequestOptions.__required_keys__ | RequestOptions.__optional_key
 
 def build_request(image: ImageLike, **options: Unpack[RequestOptions]) -> pb.EstimateRequest:
     """The EstimateRequest for one image (see `ImageLike`; numpy frames are RGB unless `pixel_format`
-    says otherwise). An unknown option is a TypeError, a bad value a ValueError."""
-    return make_request(image, options, "build_request")
+    says otherwise), `stabilize` included (for a stream of your own). An unknown option is a TypeError,
+    a bad value a ValueError."""
+    check_options(options, "build_request")
+    return _request(image, options, _output(options))
 
 
 def make_request(image: ImageLike, options: RequestOptions, caller: str) -> pb.EstimateRequest:
-    """`build_request`, with the name of the function that took the options for its errors."""
+    """The request of a single call (`estimate`): `build_request`'s, with the caller's name in its errors,
+    and `stabilize` refused, since it needs a stream's earlier frames."""
     check_options(options, caller)
+    if options.get("stabilize"):
+        raise ValueError(f"{caller}(): stabilize aligns a stream's frames to each other; use stream()")
     return _request(image, options, _output(options))
 
 
 def check_options(options: Mapping[str, object], caller: str, *, stream: bool = False) -> None:
-    """TypeError naming an unknown option, as Python names an unexpected keyword argument."""
+    """TypeError naming an unknown option, as Python names an unexpected keyword argument; ValueError
+    for a pixel format or a camera that is not one (a stream's are checked before it opens)."""
     allowed = _STREAM_KEYS if stream else _REQUEST_KEYS
     for name in options:
         if name not in allowed:
@@ -230,6 +306,7 @@ def check_options(options: Mapping[str, object], caller: str, *, stream: bool = 
     pixel_format = options.get("pixel_format")
     if pixel_format is not None and str(pixel_format).lower() not in _FORMATS:
         raise ValueError(f"pixel_format must be one of {', '.join(_FORMATS)}, got {pixel_format!r}")
+    to_intrinsics(options.get("intrinsics"))
 
 
 def _output(options: StreamOptions) -> pb.OutputOptions:
@@ -243,6 +320,11 @@ def _output(options: StreamOptions) -> pb.OutputOptions:
         height=options.get("height", 0),
         visualization=options.get("visualization", False),
         colormap=options.get("colormap", ""),
+        vis_min=options.get("vis_min", 0.0),
+        vis_max=options.get("vis_max", 0.0),
+        point_cloud=options.get("point_cloud", False),
+        point_stride=options.get("point_stride", 0),
+        point_cloud_rgb=options.get("point_cloud_rgb", False),
     )
 
 
@@ -253,7 +335,50 @@ def _request(image: ImageLike, options: RequestOptions, output: pb.OutputOptions
         frame_id=options.get("frame_id", 0),
         timestamp_ns=options.get("timestamp_ns", 0),
         output=output,
+        intrinsics=to_intrinsics(options.get("intrinsics")),
+        hints=to_hints(options.get("hints")),
+        stabilize=options.get("stabilize", False),
     )
+
+
+def to_intrinsics(intrinsics: IntrinsicsLike | None) -> pb.CameraIntrinsics | None:
+    """A `CameraIntrinsics` or (fx, fy, cx, cy) -> the message (None for None). Only the shape is checked
+    here: whether the numbers make a camera (fx > 0, ...) is the daemon's to say (INVALID_ARGUMENT)."""
+    if intrinsics is None:
+        return None
+    if isinstance(intrinsics, CameraIntrinsics):
+        intrinsics = (intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy)
+    fx, fy, cx, cy = _numbers(intrinsics, 4, "intrinsics", "(fx, fy, cx, cy)")
+    return pb.CameraIntrinsics(fx=fx, fy=fy, cx=cx, cy=cy)
+
+
+def to_hints(hints: HintsLike | None) -> list[pb.DepthHint]:
+    """(x, y, depth_m) triples, or an Nx3 array -> DepthHint messages. Only the shape is checked here: hints
+    outside the image, not finite or not positive are the daemon's to reject (and count)."""
+    if hints is None:
+        return []
+    if isinstance(hints, np.ndarray):
+        if hints.size and (hints.ndim != 2 or hints.shape[1] != 3 or hints.dtype.kind not in "biuf"):
+            raise ValueError(f"hints must be an Nx3 array of numbers (x, y, depth_m), got {hints.dtype} {hints.shape}")
+        return [pb.DepthHint(x=x, y=y, depth_m=d) for x, y, d in hints.reshape(-1, 3).tolist()]
+    if isinstance(hints, (str, bytes)) or not isinstance(hints, Iterable):
+        raise ValueError(f"hints must be (x, y, depth_m) triples or an Nx3 array, got {type(hints).__name__}")
+    triples = (_numbers(hint, 3, f"hints[{index}]", "(x, y, depth_m)") for index, hint in enumerate(hints))
+    return [pb.DepthHint(x=x, y=y, depth_m=d) for x, y, d in triples]
+
+
+def _numbers(values: object, count: int, name: str, form: str) -> tuple[float, ...]:
+    """`values` as `count` floats; ValueError naming `name` and its `form` if it is not `count` numbers."""
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        values = values.tolist()
+    if (
+        not isinstance(values, Sequence)
+        or isinstance(values, (str, bytes))
+        or len(values) != count
+        or not all(isinstance(value, numbers.Real) for value in values)
+    ):
+        raise ValueError(f"{name} must be {count} numbers {form}, got {values!r}")
+    return tuple(float(value) for value in values)
 
 
 class StreamRequests:
@@ -378,6 +503,15 @@ def to_result(response: pb.EstimateResponse) -> DepthResult:
     timing = None
     if response.HasField("timing"):
         timing = Timing(t.queue_ms, t.preprocess_ms, t.inference_ms, t.postprocess_ms, t.total_ms, t.batch_size)
+    points = points_rgb = intrinsics = alignment = None
+    if response.HasField("points"):
+        points, points_rgb = _points(response.points)
+    if response.HasField("intrinsics"):
+        c = response.intrinsics
+        intrinsics = CameraIntrinsics(c.fx, c.fy, c.cx, c.cy)
+    if response.HasField("alignment"):
+        a = response.alignment
+        alignment = Alignment(a.scale, a.shift, a.hints_used, a.hints_rejected, a.rmse_m)
     return DepthResult(
         frame_id=response.frame_id,
         timestamp_ns=response.timestamp_ns,
@@ -393,7 +527,20 @@ def to_result(response: pb.EstimateResponse) -> DepthResult:
         dropped=response.dropped,
         error=error,
         stream_dropped=response.stream_dropped,
+        points=points,
+        points_rgb=points_rgb,
+        intrinsics=intrinsics,
+        alignment=alignment,
     )
+
+
+def _points(cloud: pb.PointCloud) -> tuple[np.ndarray, np.ndarray | None]:
+    """An organized cloud -> HxWx3 float32 points (native byte order, writable) and HxWx3 uint8 colours
+    (None without them)."""
+    shape = (cloud.height, cloud.width, 3)
+    points = np.frombuffer(cloud.xyz, dtype="<f4").reshape(shape).astype(np.float32, copy=True)
+    rgb = np.frombuffer(cloud.rgb, dtype=np.uint8).reshape(shape).copy() if cloud.rgb else None
+    return points, rgb
 
 
 def to_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
