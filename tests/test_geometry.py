@@ -306,6 +306,25 @@ def test_in_a_stream_bad_geometry_fails_its_frame_and_the_stream_goes_on(daemon)
     assert replies[4].points.width == 32
 
 
+def test_depthctl_turns_a_photo_into_a_ply_of_the_wall(daemon, tmp_path, capsys):
+    from PIL import Image
+    from test_client_geometry import read_ply
+
+    from depthd_client.cli import main as depthctl
+
+    photo = tmp_path / "wall.png"
+    Image.fromarray(scene(64, 48)).save(photo)
+    argv = ["--target", daemon.address, "estimate", str(photo), "--model", "metric", "-o", str(tmp_path),
+            "--format", "ply", "--intrinsics", "100,100,31.5,23.5", "--rgb"]
+    assert depthctl(argv) == 0, capsys.readouterr().err
+    header, points = read_ply(tmp_path / "wall.ply")
+    assert 36 * 48 <= header["count"] < 64 * 48, "the band without depth is left out"
+    np.testing.assert_allclose(points["z"], 2.0, rtol=1e-5)
+    u = np.round(points["x"] * 100 / 2.0 + 31.5).astype(int)
+    v = np.round(points["y"] * 100 / 2.0 + 23.5).astype(int)
+    np.testing.assert_array_equal(np.stack([points["red"], points["green"], points["blue"]], 1), scene(64, 48)[v, u])
+
+
 def flicker(maps: np.ndarray) -> float:
     """The per-pixel temporal standard deviation over the spatial standard deviation, averaged over the frame."""
     return float(maps.std(0).mean() / maps.mean(0).std())
