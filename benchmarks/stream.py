@@ -6,12 +6,15 @@
 In one run, on the same 640x480 JPEG frames, taking turns in rounds:
   forward    the model's forward pass alone on a pre-processed tensor (the floor);
   pipeline   transformers.pipeline("depth-estimation"), one frame at a time, decoding included;
-  daemon     `depthd serve` as a subprocess, K concurrent streams (K = 1, 2, 4) through the
-             real client, float16 output; each stream keeps `--in-flight` frames outstanding;
-             and with one frame outstanding, for latency; `--variant` adds daemons with
-             other flags (e.g. bfloat16), run with 2 streams.
-Then the error of half precision against float32, and the daemon's resident memory after
-`--soak` frames. It prints a table and writes JSON. Timings only; nothing asserts.
+  daemon     `depthd serve` as a subprocess with its defaults (backend and dtype `auto`), K
+             concurrent streams (K = 1, 2, 4) through the real client, float16 output; each
+             stream keeps `--in-flight` frames outstanding; and with one frame outstanding, for
+             latency; `--variant` adds daemons with other flags, run with 2 streams. On a CPU,
+             by default, one per backend and dtype (`--no-backends` leaves them out).
+Each daemon's centred error against the float32 pipeline's maps of the same frames, its start
+time and its resident memory after warm-up; the error of half precision against float32 in
+the engine, and the default daemon's memory after `--soak` frames. It prints a table, which
+backend and dtype `auto` chose, and writes JSON with the CPU's flags. Timings only; nothing asserts.
 The default model is built from Depth Anything V2 Small's published config with random
 weights: its arithmetic, and so its speed, is the real model's; its depth means nothing.
 """
@@ -54,6 +57,8 @@ class Row:
     p99_ms: float
     notes: str = ""
     ratios: dict[str, float] = field(default_factory=dict)
+    centred_error: float | None = None
+    """Against the float32 pipeline's maps of the same frames: ||got - ref|| / ||ref - mean(ref)||."""
 
 
 def camera_frames(count: int, seed: int = 0) -> list[bytes]:
@@ -134,11 +139,13 @@ def forward_measure(folder: Path, device: str, dtype: torch.dtype) -> tuple[Meas
     return measure, f"{processed[1]}x{processed[0]} {str(dtype)[6:]}"
 
 
-def pipeline_measure(folder: Path, device: str, jpegs: list[bytes]) -> Measure:
+def pipeline_measure(folder: Path, device: str, jpegs: list[bytes]) -> tuple[Measure, list[np.ndarray]]:
+    """The pipeline's timing, and its float32 maps of the first 4 frames (every error's reference)."""
     from transformers import pipeline
 
     estimator = pipeline("depth-estimation", model=str(folder), device=device)
-    estimator(Image.open(io.BytesIO(jpegs[0])))
+    reference = [estimator(Image.open(io.BytesIO(j)))["predicted_depth"].float().cpu().numpy().squeeze()
+                 for j in jpegs[:4]]
 
     def measure(count: int) -> tuple[list[float], float]:
         times = []
@@ -150,7 +157,12 @@ def pipeline_measure(folder: Path, device: str, jpegs: list[bytes]) -> Measure:
             times.append(time.perf_counter() - begun)
         return times, time.perf_counter() - started
 
-    return measure
+    return measure, reference
+
+
+def centred_error(got: list[np.ndarray], reference: list[np.ndarray]) -> float:
+    """The largest, over frames, of ||got - ref|| / ||ref - mean(ref)||."""
+    return max(float(np.linalg.norm(g - r) / np.linalg.norm(r - r.mean())) for g, r in zip(got, reference))
 
 
 def half_precision_error(folder: Path, device: str, jpegs: list[bytes]) -> dict[str, float]:
@@ -185,9 +197,16 @@ class Daemon:
         command = [sys.executable, "-m", "depthd", "serve", "--model", f"bench={folder}",
                    "--listen", f"unix:{socket}", "--log-level", "warning", *extra]
         self.log = log.open("w")
+        started = time.perf_counter()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         with DepthClient(self.target) as client:
             client.wait_until_serving(timeout=900)
+        self.start_s = time.perf_counter() - started
+        self.rss_after_warmup_mib = self.rss_mib()
+
+    def maps(self, jpegs: list[bytes]) -> list[np.ndarray]:
+        with DepthClient(self.target, timeout=600) as client:
+            return [client.estimate(j, encoding="float32").depth for j in jpegs]
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -199,7 +218,9 @@ class Daemon:
         with DepthClient(self.target) as client:
             info = client.models()[0]
         return {"batch_sizes": info.batch_sizes, "frames_total": info.frames_total, "dtype": info.dtype,
-                "device": info.device, "queue_peak": info.queue_peak}
+                "backend": info.backend, "input_size": info.input_size, "device": info.device,
+                "queue_peak": info.queue_peak, "start_s": self.start_s,
+                "rss_mib_after_warmup": self.rss_after_warmup_mib}
 
     def stop(self) -> None:
         self.process.terminate()
@@ -279,11 +300,13 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| run | frames | fps | p50 ms | p99 ms | ×pipeline | ×forward | notes |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | frames | fps | p50 ms | p99 ms | ×pipeline | ×forward | centred error | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratios = [f"{r.ratios[k]:.2f}" if k in r.ratios else "" for k in ("vs_pipeline", "vs_forward")]
+        error = "" if r.centred_error is None else f"{r.centred_error:.1e}"
         lines.append(f"| {r.name} | {r.frames} | {r.fps:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
-                     f"{ratios[0]} | {ratios[1]} | {r.notes} |")
+                     f"{ratios[0]} | {ratios[1]} | {error} | {r.notes} |")
     return "\n".join(lines)
 
 
@@ -293,7 +316,7 @@ def machine(device: str) -> dict[str, str]:
     flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("flags")), [])
     # bfloat16 on CPU is fast only with these; without them torch emulates it
-    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     info = {"cpu": cpu, "cpu_flags": " ".join(wide), "cores": str(os.cpu_count()), "torch": torch.__version__,
             "python": platform.python_version(), "torch_threads": str(torch.get_num_threads()), "device": device}
     if device.startswith("cuda"):
@@ -302,6 +325,23 @@ def machine(device: str) -> dict[str, str]:
 
     info["transformers"] = transformers.__version__
     return info
+
+
+def backend_variants() -> list[tuple[str, str]]:
+    """A daemon per backend and dtype this machine can run (bfloat16 only where the CPU has it)."""
+    from depthd.engine import backends, hardware
+
+    half = hardware.native_half_precision(torch.device("cpu")) is not None
+    variants = [("torch-fp32", "--backend torch --dtype float32")]
+    if half:
+        variants.append(("torch-bf16", "--backend torch --dtype bfloat16"))
+    if backends.installed("openvino"):
+        variants.append(("openvino-fp32", "--backend openvino --dtype float32"))
+        if half:
+            variants.append(("openvino-bf16", "--backend openvino --dtype bfloat16"))
+    if backends.installed("onnxruntime"):
+        variants.append(("onnxruntime-fp32", "--backend onnxruntime --dtype float32"))
+    return variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=2, help="frames each stream keeps outstanding")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                         help='another daemon with extra serve flags, run with 2 streams, e.g. "bf16=--dtype bfloat16"')
+    parser.add_argument("--no-backends", action="store_true",
+                        help="on a CPU, leave out the daemons per backend and dtype (torch, openvino, onnxruntime)")
     parser.add_argument("--soak", type=int, default=1000, help="frames for the memory check (0: skip)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/stream.json"))
     args = parser.parse_args(argv)
@@ -329,13 +371,16 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.model or synthetic.build("depth-anything-v2-small", scratch / "model")
         try:
             forward, forward_notes = forward_measure(folder, args.device, dtype)
+            pipeline, reference = pipeline_measure(folder, args.device, jpegs)
             runs = [Run("forward", forward_notes, forward, frames),
-                    Run("pipeline", "float32, decoding included", pipeline_measure(folder, args.device, jpegs), frames)]
+                    Run("pipeline", "float32, decoding included", pipeline, frames)]
             variants = [("", [], streams)] + [
                 (f" {label}", flags.split(), [2]) for label, _, flags in (v.partition("=") for v in args.variant)
-            ]
+            ] + ([] if cuda or args.no_backends else [
+                (f" {name}", flags.split(), [2]) for name, flags in backend_variants()])
             for index, (label, flags, counts) in enumerate(variants):
-                daemon = Daemon(folder, scratch / f"depthd-{index}.sock", ["--device", args.device, *flags],
+                daemon = Daemon(folder, scratch / f"depthd-{index}.sock",
+                                ["--device", args.device, "--cache-dir", str(scratch / "compiled"), *flags],
                                 scratch / f"daemon-{index}.log")
                 daemons.append(daemon)
                 runs += daemon_runs(daemon, jpegs, label, counts, frames, args.in_flight)
@@ -346,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                     run.once()
                 print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             stats = {label.strip() or "default": daemon.stats() for (label, _, _), daemon in zip(variants, daemons)}
+            errors_by_label = {label.strip() or "default": centred_error(daemon.maps(jpegs[:4]), reference)
+                               for (label, _, _), daemon in zip(variants, daemons)}
             memory = soak(daemons[0], jpegs, args.soak) if args.soak else None
         finally:
             for daemon in daemons:
@@ -353,10 +400,21 @@ def main(argv: list[str] | None = None) -> int:
         errors = half_precision_error(folder, args.device, jpegs)
     rows = [run.row() for run in runs]
     add_ratios(rows)
+    for row in rows:
+        if row.name.startswith("daemon"):
+            label = row.name.removeprefix("daemon").split(" K=")[0].strip() or "default"
+            row.centred_error = errors_by_label[label]
+            info = stats[label]
+            row.notes += f"; {info['backend']} {info['dtype']}"
     report = {"machine": machine(args.device), "model": str(args.model or "depth-anything-v2-small (random weights)"),
               "rounds": args.rounds, "rows": [asdict(r) for r in rows], "daemon_stats": stats,
               "half_precision_error": errors, "memory": memory}
     print(table(rows))
+    chosen = stats["default"]
+    print(f"auto chose backend {chosen['backend']}, dtype {chosen['dtype']} (CPU flags: {report['machine']['cpu_flags']})")
+    for label, info in stats.items():
+        print(f"  {label}: {info['backend']} {info['dtype']}: started in {info['start_s']:.1f} s, "
+              f"RSS after warm-up {info['rss_mib_after_warmup']:.0f} MiB")
     print("half precision, relative L2 error against float32:", {k: f"{v:.4f}" for k, v in errors.items()})
     if memory:
         print(f"daemon RSS: {memory['rss_mib_after_100']:.0f} MiB after 100 frames, "

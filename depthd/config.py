@@ -25,6 +25,7 @@ MIB = 1024 * 1024
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEMO_MODEL = "demo"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
 """`auto`: float16 on CUDA, float32 on CPU."""
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -190,6 +191,14 @@ class ModelSettings:
     """None: the daemon's `device`."""
     dtype: str | None = setting(None, optional(one_of(*DTYPES)))
     """None: the daemon's `dtype`."""
+    backend: str | None = setting(None, optional(one_of(*BACKENDS)))
+    """What runs the network (pre- and post-processing are depthd's, in torch, whatever runs it);
+    None: the daemon's `backend`."""
+    input_size: int | None = setting(None, optional(whole(14, 4096)))
+    """The processed short side, rounded to the architecture's multiple: smaller is faster and
+    coarser (docs/performance.md). None: the checkpoint's own (518 for Depth Anything)."""
+    cache_dir: str | None = setting(None, optional(text))
+    """None: the daemon's `cache_dir`."""
     warmup_sizes: tuple[tuple[int, int], ...] = setting(((480, 640),), sizes)
     """(height, width) of the frames to expect; each is run once before the model is ready."""
     max_batch: int | None = setting(None, optional(whole(1, 256)))
@@ -280,6 +289,13 @@ class Settings:
     """None: the first model."""
     device: str = setting("auto", device)
     dtype: str = setting("auto", one_of(*DTYPES))
+    """auto: half precision where the hardware computes it natively (float16 on CUDA, bfloat16 on a
+    CPU with AMX or AVX-512-BF16), else float32."""
+    backend: str = setting("auto", one_of(*BACKENDS))
+    """auto: the fastest installed backend for the device, by a measured rule (docs/performance.md)."""
+    cache_dir: str | None = setting(None, optional(text))
+    """Where exported and compiled networks are kept. None: $CACHE_DIRECTORY/compiled under systemd
+    (/var/cache/depthd/compiled), else $XDG_CACHE_HOME/depthd or ~/.cache/depthd."""
     log_level: str = setting("info", one_of(*LOG_LEVELS))
     log_format: str = setting("text", one_of(*LOG_FORMATS))
     drain_grace_s: float = setting(10.0, number(0, 3600))
@@ -309,8 +325,18 @@ class Settings:
         return dataclasses.replace(self, models=self.models + (demo,))
 
     def resolved(self, model: ModelSettings) -> ModelSettings:
-        """`model` with the daemon's device and dtype where it sets none of its own."""
-        return dataclasses.replace(model, device=model.device or self.device, dtype=model.dtype or self.dtype)
+        """`model` with the daemon's device, dtype, backend and cache where it sets none of its own."""
+        return dataclasses.replace(
+            model, device=model.device or self.device, dtype=model.dtype or self.dtype,
+            backend=model.backend or self.backend, cache_dir=model.cache_dir or self.cache_dir or default_cache_dir(),
+        )
+
+
+def default_cache_dir() -> str:
+    """systemd's CacheDirectory= (it sets $CACHE_DIRECTORY), else the user's cache folder."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return str(Path(os.environ["CACHE_DIRECTORY"].split(":")[0]) / "compiled")
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "depthd")
 
 
 def _checked(cls: type) -> list[dataclasses.Field]:
@@ -358,9 +384,9 @@ def load_settings(
     if "default_model" in origin and rank[origin["default_model"]] < rank.get(origin.get("models"), -1):
         # the models were replaced by a later layer: an earlier choice of default no longer applies
         del data["default_model"]
-    for key in ("device", "dtype"):
+    for key in ("device", "dtype", "backend"):
         if origin.get(key) in ("environment", "flags"):
-            # a device/dtype given at start-up overrides every model's own
+            # a device/dtype/backend given at start-up overrides every model's own
             for model in data.get("models", []):
                 if isinstance(model, dict):
                     model.pop(key, None)

@@ -10,12 +10,15 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Daemons the tests start as processes run the reference path too (see `reference_path` below).
+os.environ.setdefault("DEPTHD_BACKEND", "torch")
+os.environ.setdefault("DEPTHD_DTYPE", "float32")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from depthd.engine import synthetic  # noqa: E402
+from depthd.engine import backends, hardware, synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,27 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """name -> folder of a saved tiny checkpoint (model + preprocessor config), for every architecture."""
     root = tmp_path_factory.mktemp("tiny-models")
     return {name: synthetic.build(name, root / name) for name in synthetic.TINY}
+
+
+MACHINE = {"cpu_flags": hardware.cpu_flags, "installed": backends.installed}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reference_path():
+    """What `auto` picks depends on the machine: its CPU (bfloat16 where it has AMX or AVX-512-BF16)
+    and the backends installed. A test's numbers must not, so the suite sees a machine without
+    either (torch, float32), through the seams that read them; tests marked `any_machine` see it as it is."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hardware, "cpu_flags", lambda: frozenset())
+        patch.setattr(backends, "installed", lambda name: name == "torch")
+        yield
+
+
+@pytest.fixture(autouse=True)
+def any_machine(request, monkeypatch):
+    if request.node.get_closest_marker("any_machine") is not None:
+        monkeypatch.setattr(hardware, "cpu_flags", MACHINE["cpu_flags"])
+        monkeypatch.setattr(backends, "installed", MACHINE["installed"])
 
 
 def pytest_addoption(parser):

@@ -42,8 +42,9 @@ class Checkpoint:
     recipe: Recipe
 
 
-def load_checkpoint(settings: ModelSettings, device: Any, dtype: Any) -> Checkpoint:
+def load_checkpoint(settings: ModelSettings, device: Any, dtype: Any, weights: bool = True) -> Checkpoint:
     """Load the model `settings` name onto `device` in `dtype`; raises ModelLoadError with the cause.
+    Without `weights`, only its configs: for a backend that runs an exported network.
 
     `settings.attention` ("sdpa" or "eager") applies to the model and every sub-model (a
     backbone) whose class offers the choice; None keeps transformers' default.
@@ -56,6 +57,8 @@ def load_checkpoint(settings: ModelSettings, device: Any, dtype: Any) -> Checkpo
     config = _guarded(name, source, "config.json", lambda: AutoConfig.from_pretrained(source, **options))
     architecture = _architecture(name, source, config)
     recipe = _recipe(settings, architecture, options)
+    if not weights:
+        return Checkpoint(name, source, architecture, None, config, recipe)
     if settings.attention is not None:
         options = {**options, "attn_implementation": _attention_per_config(config, settings.attention)}
     model = _model(name, source, config, architecture, dtype, options)
@@ -125,6 +128,8 @@ def _recipe(settings: ModelSettings, architecture: Architecture, options: dict) 
     )
     config = ProcessorConfig.from_saved(saved, architecture.processor_defaults)
     try:
+        if settings.input_size is not None:
+            config = _with_input_size(config, architecture, settings.input_size)
         recipe = architecture.recipe(config, settings.max_processed_side)
     except ValueError as problem:
         raise ModelLoadError(name, source, f"preprocessor_config.json: {problem}") from None
@@ -132,6 +137,25 @@ def _recipe(settings: ModelSettings, architecture: Architecture, options: dict) 
     if approximate:
         logger.warning("model=%s resize is approximate: %s", name, approximate)
     return recipe
+
+
+def _with_input_size(config: ProcessorConfig, architecture: Architecture, short_side: int) -> ProcessorConfig:
+    if not architecture.resizable or not config.do_resize or config.size is None:
+        raise ValueError(f"input_size: {architecture.label} {architecture.fixed_size_reason}; leave input_size unset")
+    return config.with_short_side(short_side)
+
+
+def checkpoint_files(source: str) -> list[Path]:
+    """The files of the checkpoint `source` names: a local folder's, or its snapshot's in the Hugging Face cache."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json")
+        if not isinstance(found, str):
+            return []
+        folder = Path(found).parent
+    return [path for path in folder.iterdir() if path.is_file()]
 
 
 def _model(name: str, source: str, config: Any, architecture: Architecture, dtype: Any, options: dict) -> Any:

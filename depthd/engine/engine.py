@@ -14,11 +14,12 @@ import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from depthd.config import ModelSettings
+from depthd.config import ModelSettings, default_cache_dir
 from depthd.domain import (
     Alignment,
     DepthEncoding,
@@ -31,8 +32,10 @@ from depthd.domain import (
     PixelFormat,
     StageTimes,
 )
-from depthd.engine import colormaps
-from depthd.engine.checkpoints import Checkpoint, load_checkpoint
+from depthd.engine import backends, colormaps
+from depthd.engine.backends import ExportFailed, Forward, OnnxExports, TorchForward
+from depthd.engine.backends.export import export_key
+from depthd.engine.checkpoints import Checkpoint, checkpoint_files, load_checkpoint
 from depthd.engine.encode import EncodedMap, encode
 from depthd.engine.geometry import Stabilizer, back_project, centred_intrinsics, colours, fit_to_hints, focal_length_px
 from depthd.engine.pixels import to_rgb
@@ -68,10 +71,9 @@ def resolve_device(spec: str | None) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str | None, device: torch.device) -> torch.dtype:
-    if spec in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, spec)
+def resolve_dtype(spec: str | None, device: torch.device, backend: str = "torch") -> torch.dtype:
+    """`spec`, or for auto the hardware's native half precision where `backend` has it, else float32."""
+    return backends.precision(spec, device, backend)
 
 
 @dataclass
@@ -120,32 +122,83 @@ class Prepared:
 
 
 class DepthEngine:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, settings: ModelSettings):
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, settings: ModelSettings,
+                 forward: Forward | None = None):
         self.checkpoint = checkpoint
         self.recipe = checkpoint.recipe
         self.device = device
         self.dtype = dtype
+        """The precision the network computes in."""
         self.settings = settings
         architecture = checkpoint.architecture
         self.flip = architecture.flip_by_default if settings.flip_augmentation is None else settings.flip_augmentation
         self.kind: DepthKind = architecture.kind(checkpoint.config)
         self._luts: dict[str, torch.Tensor | None] = {}
-        self._model = self._compiled(checkpoint.model)
+        self._model: Forward = forward or TorchForward(self._compiled(checkpoint.model), dtype)
+        self.input_dtype = self._model.input_dtype
+        self.channels_last = settings.channels_last and self.backend == "torch"
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "DepthEngine":
-        """Load the model `settings` describes; its device and dtype None (or "auto") mean the best there is."""
+        """Load the model `settings` describes; its device, dtype and backend None (or "auto") mean
+        the best there is. Under `auto`, a backend that cannot run the network gives way to the next."""
         try:
             device = resolve_device(settings.device)
-            dtype = resolve_dtype(settings.dtype, device)
             if settings.cuda_graphs and device.type != "cuda":
                 raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
+            choices = backends.candidates(settings.backend, device)
+            if settings.compile or settings.cuda_graphs:
+                if settings.backend not in (None, "auto", "torch"):
+                    raise InvalidArgument(f"compile: torch.compile is torch's; backend {settings.backend} compiles on its own")
+                choices = ["torch"]
         except InvalidArgument as error:
             raise ModelLoadError(settings.name, settings.source, str(error)) from error
-        checkpoint = load_checkpoint(settings, device, dtype)
-        if settings.channels_last:
-            checkpoint.model.to(memory_format=torch.channels_last)
-        return cls(checkpoint, device, dtype, settings)
+        for backend in choices:
+            try:
+                return cls._load_on(backend, settings, device)
+            except ExportFailed as error:
+                if backend == choices[-1] or settings.backend not in (None, "auto"):
+                    raise ModelLoadError(settings.name, settings.source,
+                                         f"backend {backend}: {error}; backend torch runs every architecture") from error
+                logger.warning("model=%s backend=%s cannot run it (%s): using the next, %s",
+                               settings.name, backend, error, choices[choices.index(backend) + 1])
+        raise AssertionError("candidates() gives at least torch")
+
+    @classmethod
+    def _load_on(cls, backend: str, settings: ModelSettings, device: torch.device) -> "DepthEngine":
+        try:
+            dtype = resolve_dtype(settings.dtype, device, backend)
+        except InvalidArgument as error:
+            raise ModelLoadError(settings.name, settings.source, str(error)) from error
+        if backend == "torch":
+            checkpoint = load_checkpoint(settings, device, dtype)
+            if settings.channels_last:
+                checkpoint.model.to(memory_format=torch.channels_last)
+            return cls(checkpoint, device, dtype, settings)
+        checkpoint = load_checkpoint(settings, device, torch.float32, weights=False)
+        cache = Path(settings.cache_dir or default_cache_dir())
+        exports = OnnxExports(
+            settings.name, cache,
+            export_key(checkpoint_files(settings.source), settings.attention),
+            lambda: load_checkpoint(settings, torch.device("cpu"), torch.float32).model,
+            checkpoint.architecture.estimates_focal_length(checkpoint.config),
+        )
+        forward = backends.exported(backend, exports, dtype, torch.get_num_threads(), cache, device)
+        engine = cls(checkpoint, device, dtype, settings, forward)
+        for height, width in settings.warmup_sizes:
+            forward.prepare(engine.processed_size(height, width))
+        return engine
+
+    @property
+    def backend(self) -> str:
+        return self._model.backend
+
+    @property
+    def input_size(self) -> int:
+        """The processed short side of frames at the checkpoint's (or input_size's) size; 0 where the
+        architecture processes frames at their own size."""
+        size = self.recipe.config.size
+        return min(size) if size and self.recipe.config.do_resize else 0
 
     @property
     def name(self) -> str:
@@ -173,7 +226,7 @@ class DepthEngine:
     def input_bytes(self, height: int, width: int) -> int:
         """What one frame's input tensor takes on the device."""
         processed = self.processed_size(height, width)
-        return 3 * processed[0] * processed[1] * self.dtype.itemsize
+        return 3 * processed[0] * processed[1] * self.input_dtype.itemsize
 
     @property
     def default_max_batch(self) -> int:
@@ -239,8 +292,8 @@ class DepthEngine:
                     pixels = pixels.to(self.device, non_blocking=True)
                     plan = self.recipe.plan(height, width)
                     rgb = to_rgb(pixels, PixelFormat(pixel_format))
-                    values = self.recipe.preprocess(rgb, plan, self.dtype)
-                    if self.settings.channels_last:
+                    values = self.recipe.preprocess(rgb, plan, self.input_dtype)
+                    if self.channels_last:
                         values = values.contiguous(memory_format=torch.channels_last)
                 for row, index in enumerate(indices):
                     kept = rgb[row] if keep_rgb is not None and keep_rgb[index] else None
@@ -301,9 +354,8 @@ class DepthEngine:
             batch = torch.cat([prepared[i].pixel_values for i in indices])
             if self.flip:
                 batch = torch.cat([batch, batch.flip(-1)])
-            outputs = self._model(pixel_values=batch)
-            predicted = outputs.predicted_depth
-            fov = getattr(outputs, "field_of_view", None)
+            outputs = self._model(batch)
+            predicted, fov = outputs.predicted_depth, outputs.field_of_view
             if self.flip:
                 predicted = _average_flipped(predicted)
                 fov = None if fov is None else fov.view(2, -1).mean(0)

@@ -9,6 +9,7 @@ turns them into a `Plan` for an input size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,14 @@ class ProcessorConfig:
             std=tuple(float(v) for v in _triple(values.get("image_std", 1.0))),
             do_pad=bool(values.get("do_pad", False)),
         )
+
+    def with_short_side(self, short_side: int) -> "ProcessorConfig":
+        """This config with `size` scaled so that its short side is `short_side`, rounded to the
+        multiple the model needs (never below one multiple)."""
+        multiple = max(1, int(round(self.ensure_multiple_of)), self.size_divisor or 1)
+        scale = max(multiple, round(short_side / multiple) * multiple) / min(self.size)
+        size = tuple(max(multiple, round(side * scale / multiple) * multiple) for side in self.size)
+        return dataclasses.replace(self, size=size)
 
     def fit(self, height: int, width: int) -> tuple[int, int]:
         """transformers' DPT/ZoeDepth output size: scale to `size`, keeping the aspect ratio

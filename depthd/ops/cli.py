@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from depthd import __version__
-from depthd.config import DEMO_MODEL, DTYPES, ConfigError, Settings, load_settings, model_from_argument
+from depthd.config import BACKENDS, DEMO_MODEL, DTYPES, ConfigError, Settings, load_settings, model_from_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--default", metavar="NAME", help="the model served when a request names none")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N, for every model (default auto)")
     serve.add_argument("--dtype", choices=DTYPES,
-                       help="for every model (default auto: float16 on CUDA, float32 on CPU)")
+                       help="for every model (default auto: float16 on CUDA, bfloat16 on a CPU with AMX or "
+                            "AVX-512-BF16, else float32)")
+    serve.add_argument("--backend", choices=BACKENDS,
+                       help="what runs every model's network (default auto: OpenVINO on an x86 CPU when installed)")
+    serve.add_argument("--cache-dir", metavar="DIR", help="where exported and compiled networks are kept")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--log-format", choices=["text", "json"])
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS on the TCP addresses: the server's certificate (PEM)")
@@ -61,7 +65,7 @@ def _flags(args: argparse.Namespace) -> dict:
         flags["models"] = [model_from_argument(m) for m in args.model]
     if args.demo:
         flags["demo"] = True
-    for key in ("default", "device", "dtype", "log_level", "log_format"):
+    for key in ("default", "device", "dtype", "backend", "cache_dir", "log_level", "log_format"):
         value = getattr(args, key)
         if value is not None:
             flags["default_model" if key == "default" else key] = value
@@ -125,7 +129,8 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  listen: {', '.join(settings.listen)}")
     for m in map(settings.resolved, settings.models):
         default = " (default)" if m.name == settings.default else ""
-        print(f"  model {m.name}{default}: {m.source} on {m.device}, {m.dtype}, "
+        print(f"  model {m.name}{default}: {m.source} on {m.device}, {m.dtype}, backend {m.backend}, "
+              f"input size {m.input_size or 'the checkpoint own'}, "
               f"batch <= {m.max_batch or 'the device default'}, warm-up {', '.join(f'{w}x{h}' for h, w in m.warmup_sizes)}")
     return 0
 

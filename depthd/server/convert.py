@@ -171,6 +171,8 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         kind=_KINDS.get(status.kind, pb.DEPTH_KIND_UNSPECIFIED),
         device=status.device,
         dtype=status.dtype,
+        backend=status.backend,
+        input_size=status.input_size,
         is_default=status.is_default,
         ready=status.ready,
         demo=status.demo,

@@ -47,6 +47,9 @@ class ModelStatus:
     kind: DepthKind | None = None
     device: str = ""
     dtype: str = ""
+    backend: str = ""
+    input_size: int = 0
+    """The processed short side at the model's configured size; 0: frames are processed at their own."""
     frames_total: int = 0
     frames_dropped: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
@@ -260,6 +263,8 @@ class ModelPool:
                     kind=engine.kind,
                     device=str(engine.device),
                     dtype=str(engine.dtype).removeprefix("torch."),
+                    backend=engine.backend,
+                    input_size=engine.input_size,
                     frames_total=batcher.frames_total,
                     frames_dropped=batcher.frames_dropped,
                     batch_sizes=dict(batcher.batch_sizes),

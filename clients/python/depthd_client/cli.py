@@ -221,6 +221,7 @@ def _models(client: DepthClient, stats: bool = False) -> int:
     for m in client.models():
         flags = [f for f, on in (("default", m.is_default), ("ready", m.ready), ("DEMO", m.demo)) if on]
         print(f"{m.name}\t{m.architecture or '-'}\t{m.kind or '-'}\t{m.device or '-'}\t{m.dtype or '-'}\t"
+              f"{m.backend or '-'}\t{m.input_size or 'own size'}\t"
               f"{','.join(flags) or 'loading'}\t{m.source}" + (f"\t{m.note}" if m.note else ""))
         if stats:
             batches = " ".join(f"{size}:{count}" for size, count in m.batch_sizes.items()) or "-"

@@ -245,6 +245,10 @@ class ModelInfo:
     bytes_peak: int = 0
     queue_depth: int = 0
     """Frames waiting for the model now."""
+    input_size: int = 0
+    """The processed short side (pixels) at the model's size; 0: frames are processed at their own size."""
+    backend: str = ""
+    """What runs the network: torch, openvino or onnxruntime."""
 
 
 @dataclass(frozen=True)
@@ -552,6 +556,7 @@ def to_models(response: pb.ListModelsResponse) -> list[ModelInfo]:
             batch_sizes=dict(sorted(m.batch_sizes.items())), max_batch=m.max_batch, queue_peak=m.queue_peak,
             max_processed_side=m.max_processed_side, max_queue_bytes=m.max_queue_bytes,
             bytes_held=m.bytes_held, bytes_peak=m.bytes_peak, queue_depth=m.queue_depth,
+            input_size=m.input_size, backend=m.backend,
         )
         for m in response.models
     ]

@@ -57,6 +57,9 @@ class Architecture:
     """Whether flip test-time augmentation is on unless configured (ZoeDepth, as in its original code)."""
     classes: tuple[str, ...] = ()
     """The depth-estimation model classes of this type that a checkpoint may name."""
+    resizable: bool = True
+    """Whether the network runs at another input size than the checkpoint's (input_size)."""
+    fixed_size_reason: str = "processes frames at one size"
     estimates_focal_length: Callable[[Any], bool] = lambda _config: False
     """Whether the model estimates the camera's field of view (Depth Pro with its head): its
     outputs then carry `field_of_view`, and a point cloud needs no intrinsics from the request."""

@@ -81,6 +81,8 @@ ARCHITECTURES = (
         },
         _kind,
         classes=("DepthProForDepthEstimation",),
+        resizable=False,
+        fixed_size_reason="runs at its checkpoint's size only (its patch encoder is built for it)",
         estimates_focal_length=lambda config: getattr(config, "use_fov_model", False),
     ),
 )

@@ -49,5 +49,7 @@ ARCHITECTURES = (
         },
         lambda _c: DepthKind.METRIC,
         classes=("GLPNForDepthEstimation",),
+        resizable=False,
+        fixed_size_reason="processes frames at their own size, rounded down to a multiple of 32",
     ),
 )

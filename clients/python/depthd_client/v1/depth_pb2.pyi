@@ -236,7 +236,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped", "batch_sizes", "max_batch", "queue_peak", "max_processed_side", "max_queue_bytes", "bytes_held", "bytes_peak", "queue_depth")
+    __slots__ = ("name", "source", "architecture", "kind", "device", "dtype", "is_default", "ready", "demo", "note", "frames_total", "frames_dropped", "batch_sizes", "max_batch", "queue_peak", "max_processed_side", "max_queue_bytes", "bytes_held", "bytes_peak", "queue_depth", "input_size", "backend")
     class BatchSizesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +264,8 @@ class ModelInfo(_message.Message):
     BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     BYTES_PEAK_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     architecture: str
@@ -284,7 +286,9 @@ class ModelInfo(_message.Message):
     bytes_held: int
     bytes_peak: int
     queue_depth: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., max_batch: _Optional[int] = ..., queue_peak: _Optional[int] = ..., max_processed_side: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., bytes_held: _Optional[int] = ..., bytes_peak: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    input_size: int
+    backend: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[_Union[DepthKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., is_default: bool = ..., ready: bool = ..., demo: bool = ..., note: _Optional[str] = ..., frames_total: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., max_batch: _Optional[int] = ..., queue_peak: _Optional[int] = ..., max_processed_side: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., bytes_held: _Optional[int] = ..., bytes_peak: _Optional[int] = ..., queue_depth: _Optional[int] = ..., input_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "max_message_bytes")
