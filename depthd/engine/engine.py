@@ -12,9 +12,9 @@ import logging
 import time
 import warnings
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from depthd.domain import (
     PixelFormat,
     StageTimes,
 )
-from depthd.engine import backends, colormaps
+from depthd.engine import backends, colormaps, streams
 from depthd.engine.backends import ExportFailed, Forward, OnnxExports, TorchForward
 from depthd.engine.backends.export import export_key
 from depthd.engine.checkpoints import Checkpoint, checkpoint_files, load_checkpoint
@@ -40,6 +40,7 @@ from depthd.engine.encode import EncodedMap, encode
 from depthd.engine.geometry import Stabilizer, back_project, centred_intrinsics, colours, fit_to_hints, focal_length_px
 from depthd.engine.pixels import to_rgb
 from depthd.engine.plan import Plan
+from depthd.engine.streams import Timer
 from depthd.errors import DepthdError, InvalidArgument, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -108,9 +109,17 @@ class Prepared:
     pixel_values: torch.Tensor
     """1 x C x H x W, on the model's device, in the model's dtype."""
     plan: Plan
-    preprocess_ms: float
+    preprocess: Timer
+    shared_by: int = 1
+    """Frames pre-processed together, sharing the stage's time."""
     rgb: torch.Tensor | None = None
     """uint8 3 x H x W, the frame itself on the device: kept only for coloured point clouds."""
+    ready: Any = None
+    """The device queue's marker of the end of its pre-processing (a CUDA event; None on a CPU)."""
+
+    @property
+    def preprocess_ms(self) -> float:
+        return self.preprocess.ms() / self.shared_by
 
     @property
     def processed(self) -> tuple[int, int]:
@@ -137,6 +146,7 @@ class DepthEngine:
         self._model: Forward = forward or TorchForward(self._compiled(checkpoint.model), dtype)
         self.input_dtype = self._model.input_dtype
         self.channels_last = settings.channels_last and self.backend == "torch"
+        self.queue = streams.for_device(device)
 
     @classmethod
     def load(cls, settings: ModelSettings) -> "DepthEngine":
@@ -283,21 +293,19 @@ class DepthEngine:
         for index, frame in enumerate(frames):
             by_input[(frame.height, frame.width, frame.pixel_format)].append(index)
         prepared: list[Prepared | None] = [None] * len(frames)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.queue.side():
             for (height, width, pixel_format), indices in by_input.items():
-                with self._stage() as took:
-                    pixels = torch.stack([torch.from_numpy(frames[i].pixels) for i in indices])
-                    if self.device.type == "cuda":
-                        pixels = pixels.pin_memory()
-                    pixels = pixels.to(self.device, non_blocking=True)
+                with self.queue.timer() as took:
+                    pixels = self.queue.to_device(torch.stack([torch.from_numpy(frames[i].pixels) for i in indices]))
                     plan = self.recipe.plan(height, width)
                     rgb = to_rgb(pixels, PixelFormat(pixel_format))
                     values = self.recipe.preprocess(rgb, plan, self.input_dtype)
                     if self.channels_last:
                         values = values.contiguous(memory_format=torch.channels_last)
+                ready = self.queue.ready()
                 for row, index in enumerate(indices):
                     kept = rgb[row] if keep_rgb is not None and keep_rgb[index] else None
-                    prepared[index] = Prepared(values[row : row + 1], plan, took[0] / len(indices), kept)
+                    prepared[index] = Prepared(values[row : row + 1], plan, took, len(indices), kept, ready)
         return prepared
 
     def infer(
@@ -319,15 +327,21 @@ class DepthEngine:
         for spec, geometry in zip(specs, geometries):
             self.check_output(spec, geometry)
         with torch.inference_mode():
-            with self._stage() as inference:
+            for item in prepared:
+                self.queue.wait(item.ready, item.pixel_values)
+                if item.rgb is not None:
+                    self.queue.wait(None, item.rgb)
+            with self.queue.timer() as inference:
                 groups = self._forward(prepared)
-            with self._stage() as postprocess:
+            with self.queue.timer() as postprocess:
                 finished = self._postprocess(groups, prepared, specs, geometries, stabilizers)
-                results = [item if isinstance(item, DepthdError) else self._to_host(item, spec)
-                           for item, spec in zip(finished, specs)]
+                copies = [item if isinstance(item, DepthdError) else self._copy_back(item) for item in finished]
+            self.queue.finish()
+            results = [copy if isinstance(copy, DepthdError) else self._to_host(item, copy, spec)
+                       for item, copy, spec in zip(finished, copies, specs)]
         for item, result in zip(prepared, results):
             if isinstance(result, DepthResult):
-                result.timing = StageTimes(item.preprocess_ms, inference[0], postprocess[0], len(prepared))
+                result.timing = StageTimes(item.preprocess_ms, inference.ms(), postprocess.ms(), len(prepared))
         return results
 
     def warmup(self, sizes: tuple[tuple[int, int], ...], batch: int = 1) -> None:
@@ -436,10 +450,16 @@ class DepthEngine:
             known = centred_intrinsics(focal_length_px(fov, input_size[1]), *input_size)
         return None if known is None else known.scaled(input_size, map_size)
 
-    def _to_host(self, item: _Finished, spec: OutputSpec) -> DepthResult:
-        lo, hi = item.encoded.stats.cpu().tolist()
-        depth = item.encoded.depth.cpu().numpy()
-        vis = None if item.encoded.visualization is None else item.encoded.visualization.cpu().numpy()
+    def _copy_back(self, item: _Finished) -> dict[str, torch.Tensor]:
+        """Start copying a frame's outputs to the host (asynchronous on CUDA: valid after `finish`)."""
+        tensors = {"stats": item.encoded.stats, "depth": item.encoded.depth, "vis": item.encoded.visualization,
+                   "points": item.points, "points_rgb": item.points_rgb}
+        return {name: self.queue.to_host(tensor) for name, tensor in tensors.items() if tensor is not None}
+
+    def _to_host(self, item: _Finished, copies: dict[str, torch.Tensor], spec: OutputSpec) -> DepthResult:
+        lo, hi = copies["stats"].tolist()
+        depth = copies["depth"].numpy()
+        vis = copies["vis"].numpy() if "vis" in copies else None
         fov = item.field_of_view
         return DepthResult(
             depth=depth,
@@ -451,8 +471,8 @@ class DepthEngine:
             field_of_view=fov,
             focal_length=None if fov is None else focal_length_px(fov, depth.shape[1]),
             intrinsics=item.intrinsics,
-            points=None if item.points is None else item.points.cpu().numpy(),
-            points_rgb=None if item.points_rgb is None else item.points_rgb.cpu().numpy(),
+            points=copies["points"].numpy() if "points" in copies else None,
+            points_rgb=copies["points_rgb"].numpy() if "points_rgb" in copies else None,
             alignment=item.alignment,
         )
 
@@ -471,16 +491,6 @@ class DepthEngine:
             table = colormaps.lookup_table(name)
             self._luts[name] = None if table is None else torch.from_numpy(table).to(self.device)
         return self._luts[name]
-
-    @contextmanager
-    def _stage(self):
-        """Time a stage in milliseconds; on CUDA, wait for the device so the time is the stage's own."""
-        box = [0.0]
-        started = time.perf_counter()
-        yield box
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        box[0] = (time.perf_counter() - started) * 1000
 
 
 def _average_flipped(predicted: torch.Tensor) -> torch.Tensor:
