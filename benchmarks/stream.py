@@ -311,14 +311,12 @@ def table(rows: list[Row]) -> str:
 
 
 def machine(device: str) -> dict[str, str]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    # bfloat16 on CPU is fast only with these; without them torch emulates it
-    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    info = {"cpu": cpu, "cpu_flags": " ".join(wide), "cores": str(os.cpu_count()), "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads()), "device": device}
+    from depthd.engine import hardware
+
+    cpu = hardware.describe_cpu()  # bfloat16 on CPU is fast only with its flags; without them torch emulates it
+    info = {"cpu": str(cpu["model"]), "cpu_flags": " ".join(cpu["flags"]), "cores": str(os.cpu_count()),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "torch_threads": str(torch.get_num_threads()), "device": device}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     import transformers

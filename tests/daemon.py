@@ -114,6 +114,21 @@ class Gate:
             self._condition.notify_all()
 
 
+def gated_daemon(settings: Settings, gated: tuple[str, ...]):
+    """For a module fixture (`yield from`): a serving daemon whose `gates` hold the named models'
+    forward passes at will; released and stopped (exit 0) at the end."""
+    from depthd_client import DepthClient
+
+    running = DaemonThread(settings)
+    with DepthClient(running.address) as client:
+        client.wait_until_serving(60)
+    running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in gated}
+    yield running
+    for gate in running.gates.values():
+        gate.release()
+    assert running.stop() == 0
+
+
 def in_thread(function, *args) -> tuple[threading.Thread, list]:
     """Run `function(*args)` on a thread; the box gets its result, or the exception it raised."""
     box: list = []

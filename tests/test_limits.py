@@ -19,7 +19,7 @@ import zlib
 import grpc
 import numpy as np
 import pytest
-from daemon import DaemonThread, Gate, in_thread, wait_for
+from daemon import DaemonThread, gated_daemon, in_thread, wait_for
 from PIL import Image
 from scenes import scene
 
@@ -54,14 +54,7 @@ def daemon(tiny_models):
         ),
         limits=LIMITS,
     )
-    running = DaemonThread(settings)
-    with DepthClient(running.address) as client:
-        client.wait_until_serving(60)
-    running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in ("rel", "fair")}
-    yield running
-    for gate in running.gates.values():
-        gate.release()
-    assert running.stop() == 0
+    yield from gated_daemon(settings, ("rel", "fair"))
 
 
 @pytest.fixture

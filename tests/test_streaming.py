@@ -12,7 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from daemon import DaemonThread, Gate, in_thread, queue, wait_for
+from daemon import gated_daemon, in_thread, queue, wait_for
 from scenes import scene
 
 from depthd.config import Limits, ModelSettings, Settings
@@ -37,14 +37,7 @@ def daemon(tiny_models):
         ),
         limits=Limits(stream_window=WINDOW),
     )
-    running = DaemonThread(settings)
-    with DepthClient(running.address) as client:
-        client.wait_until_serving(60)
-    running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in ("batched", "solo", "tight")}
-    yield running
-    for gate in running.gates.values():
-        gate.release()
-    assert running.stop() == 0
+    yield from gated_daemon(settings, ("batched", "solo", "tight"))
 
 
 @pytest.fixture

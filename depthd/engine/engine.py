@@ -72,11 +72,6 @@ def resolve_device(spec: str | None) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str | None, device: torch.device, backend: str = "torch") -> torch.dtype:
-    """`spec`, or for auto the hardware's native half precision where `backend` has it, else float32."""
-    return backends.precision(spec, device, backend)
-
-
 @dataclass
 class _Finished:
     """One frame's outputs on the device, before the copy back."""
@@ -177,7 +172,7 @@ class DepthEngine:
     @classmethod
     def _load_on(cls, backend: str, settings: ModelSettings, device: torch.device) -> "DepthEngine":
         try:
-            dtype = resolve_dtype(settings.dtype, device, backend)
+            dtype = backends.precision(settings.dtype, device, backend)
         except InvalidArgument as error:
             raise ModelLoadError(settings.name, settings.source, str(error)) from error
         if backend == "torch":
