@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -17,12 +18,14 @@ from grpc_health.v1 import health_pb2_grpc
 from depthd_client.channels import Connection, PathLike
 from depthd_client.messages import (
     DEFAULT_TARGET,
+    DepthdError,
     DepthResult,
     Frames,
     HealthStatus,
     ImageLike,
     ModelInfo,
     RequestOptions,
+    Retries,
     ServingWait,
     StreamOptions,
     StreamRequests,
@@ -55,6 +58,8 @@ class AsyncDepthClient:
                 ...
 
     Open it inside the event loop that uses it. Failures raise `DepthdError`, as in `DepthClient`.
+    `reconnect=True` makes `estimate` and `models` ride out a daemon restart as in `DepthClient`, and a
+    stream wait for the daemon to be reachable when it opens; a stream that breaks raises here.
     """
 
     def __init__(
@@ -67,12 +72,14 @@ class AsyncDepthClient:
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
         token: str | None = None,
+        reconnect: bool = False,
     ):
         connection = Connection(
             target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, own_channel=channel is not None
         )
         self.target = target
         self.timeout = timeout
+        self.reconnect = reconnect
         self._metadata = connection.metadata
         self._channel = channel or connection.aio_channel()
         self._stub = depth_pb2_grpc.DepthEstimatorStub(self._channel)
@@ -94,9 +101,20 @@ class AsyncDepthClient:
         `pixel_format` says otherwise) or a PIL image. `options` are those of `RequestOptions`.
         A path is read, and a frame converted, on the event loop."""
         request = make_request(image, options, "estimate")
-        with rpc_errors():
-            response = await self._stub.Estimate(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return to_result(response)
+        return to_result(await self._unary(self._stub.Estimate, request, timeout))
+
+    async def _unary(self, method: Any, request: object, timeout: float | None) -> Any:
+        retries = Retries(self.reconnect, timeout or self.timeout)
+        while True:
+            try:
+                with rpc_errors():
+                    return await method(request, timeout=retries.left(), metadata=self._metadata,
+                                        wait_for_ready=retries.wait_for_ready)
+            except DepthdError as error:
+                pause = retries.after(error)
+                if pause is None:
+                    raise
+            await asyncio.sleep(pause)
 
     def stream(
         self,
@@ -120,17 +138,14 @@ class AsyncDepthClient:
     async def _results(
         self, requests: StreamRequests, frames: Frames, timeout: float | None
     ) -> AsyncIterator[DepthResult]:
-        call = self._stub.EstimateStream(requests.from_any(frames), timeout=timeout, metadata=self._metadata)
+        call = self._stub.EstimateStream(requests.from_any(frames), timeout=timeout, metadata=self._metadata,
+                                         wait_for_ready=True if self.reconnect else None)
         with requests.reading(call):
             async for response in call:
                 yield to_result(response)
 
     async def models(self, timeout: float | None = None) -> list[ModelInfo]:
-        with rpc_errors():
-            response = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
-            )
-        return to_models(response)
+        return to_models(await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout))
 
     async def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """The standard gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".

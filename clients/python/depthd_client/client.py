@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -27,6 +28,7 @@ from depthd_client.messages import (
     ImageLike,
     ModelInfo,
     RequestOptions,
+    Retries,
     ServingWait,
     StreamFrame,
     StreamOptions,
@@ -55,13 +57,19 @@ __all__ = [
 class DepthClient:
     """A connection to a depthd daemon: `"host:port"` or `"unix:///run/depthd/depthd.sock"`, or a
     `channel` of your own, which `close()` closes. `timeout` is the default for every call but
-    `stream`. Numpy frames are RGB unless `pixel_format` says otherwise.
+    `stream`. Numpy frames are RGB unless `pixel_format` says otherwise: OpenCV and cv_bridge hand out
+    BGR, so pass `pixel_format="bgr8"` with their frames (nothing in the pixels can tell the two apart).
 
     Security (TCP targets; a unix socket stays plaintext, guarded by its file permissions):
     `tls_ca` (a PEM file: the CA that signed the daemon's certificate) turns TLS on; `tls_cert` and
     `tls_key` (PEM files, both or neither) present a client certificate to a daemon that asks for one
     (mTLS). `token` is sent as `authorization: Bearer <token>` with every call, on any channel.
     A mistake in these is a ValueError (a PEM file that cannot be read, an OSError) raised here.
+
+    `reconnect=True` rides out a daemon restart (a watchdog's, an upgrade's): a call waits for the daemon
+    to come back, and a call answered UNAVAILABLE is made again, until the call's timeout. A stream
+    that breaks is opened again for the frames that follow; the frames it had taken but not answered
+    come back as results with `error` set (UNAVAILABLE), so there is still one result per frame.
 
         DepthClient("robot-01.local:50051", tls_ca="ca.pem", tls_cert="client.pem",
                     tls_key="client.key", token=read_token_file("/etc/robot/depthd.token"))
@@ -77,12 +85,14 @@ class DepthClient:
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
         token: str | None = None,
+        reconnect: bool = False,
     ):
         connection = Connection(
             target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, token=token, own_channel=channel is not None
         )
         self.target = target
         self.timeout = timeout
+        self.reconnect = reconnect
         self._metadata = connection.metadata
         self._channel = channel or connection.channel()
         self._stub = depth_pb2_grpc.DepthEstimatorStub(self._channel)
@@ -103,9 +113,20 @@ class DepthClient:
         """Depth for one image: a path, encoded bytes, an HxW/HxWxC uint8 array (RGB unless
         `pixel_format` says otherwise) or a PIL image. `options` are those of `RequestOptions`."""
         request = make_request(image, options, "estimate")
-        with rpc_errors():
-            response = self._stub.Estimate(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return to_result(response)
+        return to_result(self._unary(self._stub.Estimate, request, timeout))
+
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable, request: object, timeout: float | None) -> Any:
+        retries = Retries(self.reconnect, timeout or self.timeout)
+        while True:
+            try:
+                with rpc_errors():
+                    return method(request, timeout=retries.left(), metadata=self._metadata,
+                                  wait_for_ready=retries.wait_for_ready)
+            except DepthdError as error:
+                pause = retries.after(error)
+                if pause is None:
+                    raise
+            time.sleep(pause)
 
     def stream(
         self,
@@ -127,17 +148,29 @@ class DepthClient:
     def _results(
         self, requests: StreamRequests, frames: Iterable[ImageLike | StreamFrame], timeout: float | None
     ) -> Iterator[DepthResult]:
-        call = self._stub.EstimateStream(requests.from_iterable(frames), timeout=timeout, metadata=self._metadata)
-        with requests.reading(call):
-            for response in call:
-                yield to_result(response)
+        frames = iter(frames)
+        retries = Retries(self.reconnect, timeout)
+        while True:
+            call = self._stub.EstimateStream(requests.from_iterable(frames), timeout=retries.left(),
+                                             metadata=self._metadata, wait_for_ready=retries.wait_for_ready)
+            try:
+                with requests.reading(call):
+                    for response in call:
+                        yield from requests.answered()
+                        retries.succeeded()
+                        yield to_result(response)
+                return
+            except DepthdError as error:
+                pause = retries.after(error)
+                if pause is None:
+                    raise
+                yield from requests.broke(error)
+                if requests.exhausted:
+                    return
+            time.sleep(pause)
 
     def models(self, timeout: float | None = None) -> list[ModelInfo]:
-        with rpc_errors():
-            response = self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
-            )
-        return to_models(response)
+        return to_models(self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> HealthStatus:
         """The standard gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN".

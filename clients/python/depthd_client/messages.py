@@ -11,8 +11,10 @@ go out, and the camera used, an organized point cloud and the fit to the hints (
 
 from __future__ import annotations
 
+import collections
 import numbers
 import sys
+import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -148,6 +150,39 @@ class DepthdError(Exception):
     def from_rpc(cls, error: grpc.RpcError) -> DepthdError:
         """The error of a failed call, sync or asyncio (`grpc.aio.AioRpcError` is a `grpc.RpcError`)."""
         return cls(error.code(), error.details() or "")
+
+
+class Retries:
+    """One call's (or one stream's) retries under a client's opt-in `reconnect`: the call waits for the
+    daemon to be reachable (`wait_for_ready`), and a call answered UNAVAILABLE (a daemon stopping,
+    restarting, still loading its models) is made again after a pause that doubles up to a second,
+    until `timeout` seconds from now (None: no end)."""
+
+    FIRST_PAUSE_S = 0.05
+    LONGEST_PAUSE_S = 1.0
+
+    def __init__(self, enabled: bool, timeout: float | None):
+        self.enabled = enabled
+        self.wait_for_ready = True if enabled else None
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pause = self.FIRST_PAUSE_S
+
+    def left(self) -> float | None:
+        """The seconds left to the deadline, for the next attempt's own timeout."""
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
+
+    def after(self, error: DepthdError) -> float | None:
+        """Seconds to wait before trying again after `error`, or None: give up and raise it."""
+        pause = self._pause
+        if not self.enabled or error.code is not grpc.StatusCode.UNAVAILABLE:
+            return None
+        if self._deadline is not None and time.monotonic() + pause >= self._deadline:
+            return None
+        self._pause = min(pause * 2, self.LONGEST_PAUSE_S)
+        return pause
+
+    def succeeded(self) -> None:
+        self._pause = self.FIRST_PAUSE_S
 
 
 @contextmanager
@@ -403,6 +438,14 @@ class StreamRequests:
         self._latest_frame_wins = latest_frame_wins
         self._sent = 0
         self._error: Exception | None = None
+        self._unanswered: collections.deque[tuple[int, int, int]] = collections.deque()
+        """(call, frame_id, timestamp_ns) of each frame sent and not yet answered, oldest first."""
+        self.exhausted = False
+        """The frames ran out (or raised): no stream needs to be opened again for them."""
+        self._taking = threading.Lock()
+        self._call = 0
+        self._carried: list[ImageLike | StreamFrame] = []
+        self._broken_by: DepthdError | None = None
 
     def request(self, item: ImageLike | StreamFrame) -> pb.EstimateRequest:
         frame = item if isinstance(item, StreamFrame) else StreamFrame(item)
@@ -414,14 +457,60 @@ class StreamRequests:
         request = _request(frame.image, options, self._output)  # type: ignore[arg-type]
         request.latest_frame_wins = self._latest_frame_wins
         self._sent += 1
+        self._unanswered.append((self._call, request.frame_id, request.timestamp_ns))
         return request
 
-    def from_iterable(self, frames: Iterable[ImageLike | StreamFrame]) -> Iterator[pb.EstimateRequest]:
-        try:
-            for item in frames:
-                yield self.request(item)
-        except Exception as error:
-            self._error = error
+    def answered(self) -> list[DepthResult]:
+        """Count one response of the open call. Returns the frames an earlier, broken call took but never
+        answered, if any were left behind (a frame taken as the call broke): their results come first."""
+        lost = []
+        while self._unanswered and self._unanswered[0][0] != self._call:
+            lost.append(self._lost(self._unanswered.popleft()))
+        if self._unanswered:
+            self._unanswered.popleft()
+        return lost
+
+    def broke(self, error: DepthdError) -> list[DepthResult]:
+        """The open call broke: a result with `error` for each frame it took and did not answer, in order,
+        so there is one result per frame even across a reconnect. The call stops taking frames; a frame
+        it was waiting for goes to the next call."""
+        self._broken_by = error
+        self._call += 1
+        lost = []
+        while self._unanswered:
+            lost.append(self._lost(self._unanswered.popleft()))
+        return lost
+
+    def _lost(self, entry: tuple[int, int, int]) -> DepthResult:
+        _, frame_id, timestamp_ns = entry
+        error = self._broken_by or DepthdError(grpc.StatusCode.UNAVAILABLE, "")
+        message = f"the stream broke before this frame was answered ({error.details or error.code.name})"
+        return DepthResult(frame_id, timestamp_ns, "", None, "", 0.0, 0.0, None, error=FrameError(error.code, message))
+
+    def from_iterable(self, frames: Iterator[ImageLike | StreamFrame]) -> Iterator[pb.EstimateRequest]:
+        """The requests of the call being opened. A stream opened again after a break reads on from the
+        same `frames`: the broken call takes no more of them, and two calls never take one at once."""
+        return self._requests(frames, self._call)
+
+    def _requests(self, frames: Iterator[ImageLike | StreamFrame], call: int) -> Iterator[pb.EstimateRequest]:
+        while True:
+            with self._taking:
+                if call != self._call or self.exhausted:
+                    return
+                try:
+                    item = self._carried.pop() if self._carried else next(frames)
+                    if call != self._call:
+                        self._carried.append(item)
+                        return
+                    request = self.request(item)
+                except StopIteration:
+                    self.exhausted = True
+                    return
+                except Exception as error:
+                    self._error = error
+                    self.exhausted = True
+                    return
+            yield request
 
     async def from_any(self, frames: Frames) -> AsyncIterator[pb.EstimateRequest]:
         try:
