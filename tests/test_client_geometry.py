@@ -280,7 +280,7 @@ def test_a_ply_of_no_valid_points_is_still_a_ply(tmp_path):
 
 def test_the_ply_format_asks_for_points_and_has_its_suffix(tmp_path):
     assert files.request_options("ply", metric=False) == {"point_cloud": True}
-    assert files.output_path("a/frame.0001.jpg", tmp_path, "ply") == tmp_path / "frame.0001.ply"
+    assert files.output_path("a/frame.0001", tmp_path, "ply") == tmp_path / "a" / "frame.0001.ply"
     result = to_result(pb.EstimateResponse(depth=pb.DepthMap(width=1, height=1, data=b"\0\0\0\0")))
     with pytest.raises(ValueError, match="no point cloud"):
         files.write(result, tmp_path / "x.ply", "ply")
@@ -461,13 +461,12 @@ def test_depthctl_stream_writes_plys_stabilized_with_hints_on_every_frame(fake, 
     paths = images(tmp_path / "in", 3)
     out = tmp_path / "out"
     argv = ["--target", address, "stream", str(tmp_path / "in"), "-o", str(out), "--format", "ply",
-            "--stabilize", "--hints", str(hints), "--intrinsics", "500,510,320.5,240.25", "--vis-range", "0.5,12"]
+            "--stabilize", "--hints", str(hints), "--intrinsics", "500,510,320.5,240.25"]
     assert depthctl(argv) == 0
     assert [r.frame_id for r in estimator.requests] == [0, 1, 2]
     for request in estimator.requests:
         assert request.stabilize and len(request.hints) == 3 and request.intrinsics.fx == K[0]
         assert request.output.point_cloud and not request.output.point_cloud_rgb
-        assert (request.output.vis_min, request.output.vis_max) == (0.5, 12.0)
     for path in paths:
         header, _ = read_ply(out / f"{path.stem}.ply")
         assert header["count"] == 5 and len(header["properties"]) == 3
@@ -501,8 +500,8 @@ def test_depthctl_refuses_a_ply_the_daemon_sent_no_points_for(serve, tmp_path, c
 
 @pytest.mark.parametrize(("argv", "says"), [
     (["estimate", "x.png", "--stabilize"], "unrecognized arguments: --stabilize"),
-    (["estimate", "x.png", "--rgb"], "--rgb go with --format ply"),
-    (["stream", "dir", "--point-stride", "4", "--format", "vis"], "--point-stride go with --format ply"),
+    (["estimate", "x.png", "--rgb"], "--rgb goes with --format ply"),
+    (["stream", "dir", "--point-stride", "4", "--format", "vis"], "--point-stride goes with --format ply"),
     (["estimate", "x.png", "--format", "ply", "--point-stride", "-1"], "argument --point-stride: expected a whole number"),
     (["estimate", "x.png", "--intrinsics", "500,510,320"], r"argument --intrinsics: expected fx,fy,cx,cy \(4 numbers\)"),
     (["stream", "dir", "--intrinsics", "a,b,c,d"], "argument --intrinsics: expected fx,fy,cx,cy"),

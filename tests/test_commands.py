@@ -125,3 +125,41 @@ def test_depthctl_stream_models_and_health(daemon, tmp_path, capsys):
     assert lines[0].split("\t")[:3] == ["metric", "depth_anything", "metric"] and "default,ready" in lines[0]
     assert depthctl([*target, "health", "--model", "rel"]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
+
+
+FAKE_GRPCURL = '''#!{python}
+"""grpcurl's part of the README's example, for a machine without grpcurl: the flags it uses, the JSON
+request from standard input, the message size limit, the call, and the JSON reply."""
+import sys
+import grpc
+from google.protobuf import json_format
+from depthd_client.v1 import depth_pb2 as pb, depth_pb2_grpc
+
+args = sys.argv[1:]
+assert args[:5] == ["-plaintext", "-max-msg-sz", args[2], "-d", "@"], args
+limit, address, method = int(args[2]), args[5], args[6]
+assert method == "depthd.v1.DepthEstimator/Estimate", method
+request = json_format.Parse(sys.stdin.read(), pb.EstimateRequest())
+options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+reply = depth_pb2_grpc.DepthEstimatorStub(grpc.insecure_channel(address, options=options)).Estimate(request)
+print(json_format.MessageToJson(reply))
+'''
+
+
+def test_the_readmes_grpcurl_example_sends_a_2_mb_photo(daemon, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    [example] = [block for block in readme.split("```sh\n")[1:] if "grpcurl" in block.split("```")[0]]
+    example = example.split("```")[0].replace("127.0.0.1:50051", daemon.address)
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    assert 1.5e6 < (tmp_path / "photo.jpg").stat().st_size < 3e6
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "grpcurl").write_text(FAKE_GRPCURL.replace("{python}", sys.executable))
+    (bin_dir / "grpcurl").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    depth = json.loads(done.stdout)["depth"]
+    assert (depth["width"], depth["height"], depth["encoding"]) == (1600, 1200, "DEPTH_ENCODING_FLOAT16")

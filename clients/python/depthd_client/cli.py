@@ -5,23 +5,28 @@
 from __future__ import annotations
 
 import argparse
-import glob
+import collections
+import itertools
 import os
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 
-from depthd_client import files
+from depthd_client import bags, files, sources, video
 from depthd_client.channels import read_token_file
 from depthd_client.client import DEFAULT_TARGET, DepthClient, DepthdError
-from depthd_client.messages import StreamFrame
+from depthd_client.messages import DepthResult, StreamFrame
+from depthd_client.progress import Tally
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+COLORMAPS = ("gray", "turbo", "inferno")
+VIS_FORMATS = ("vis", "mp4")
+ABORTING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+"""Failures of `estimate` that no other image would escape: they end the run instead of being counted."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,16 +46,23 @@ def _parser() -> argparse.ArgumentParser:
                           help="a file whose first non-empty line (# comments skipped) is the token")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def outputs(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("-o", "--output", metavar="DIR", help="write a file per image into DIR")
-        sub.add_argument("--format", choices=files.FORMATS, default="npy",
+    def outputs(sub: argparse.ArgumentParser, forms: tuple[str, ...] = files.FORMATS) -> None:
+        sub.add_argument("-o", "--output", metavar="DIR",
+                         help="write a file per image into DIR, named after its path relative to the folder the "
+                              "inputs share (a/f.jpg -> DIR/a/f.depth.npy)")
+        sub.add_argument("--format", choices=forms,
                          help="npy: float32 map; png16: 16-bit PNG (millimetres if metric, else stretched); "
                               "vis: 8-bit visualization PNG; ply: binary point cloud, metres in the camera's "
-                              "optical frame (needs metric depth, or --hints, and a camera) (default npy)")
+                              "optical frame (needs metric depth, or --hints, and a camera)"
+                              + ("; mp4: one visualization video of the whole source, beside it "
+                                 "(or in DIR), with one colour range throughout" if "mp4" in forms else "")
+                              + " (default npy; needs -o" + (", but for mp4)" if "mp4" in forms else ")"))
+        sub.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
         sub.add_argument("--model", default="", help="a model name from `depthctl models` (default: the daemon's)")
-        sub.add_argument("--colormap", default="", help="for --format vis: gray, turbo or inferno")
+        sub.add_argument("--colormap", choices=COLORMAPS, help="for --format vis or mp4 (default: the daemon's)")
         sub.add_argument("--vis-range", type=_numbers("MIN,MAX", 2), metavar="MIN,MAX",
-                         help="for --format vis: a fixed colour range in the map's unit (default: each frame's own)")
+                         help="for --format vis or mp4: a fixed colour range in the map's unit (default: each "
+                              "frame's own for vis; the first frame's for mp4)")
         geometry = sub.add_argument_group("geometry")
         geometry.add_argument("--intrinsics", type=_numbers("fx,fy,cx,cy", 4), metavar="fx,fy,cx,cy",
                               help="the camera, in pixels of the input images (default: the model's configured one)")
@@ -61,17 +73,25 @@ def _parser() -> argparse.ArgumentParser:
                               help="for --format ply: every N-th row and column (default: every pixel)")
         geometry.add_argument("--rgb", action="store_true", help="for --format ply: the points' colours too")
 
-    estimate = commands.add_parser("estimate", help="depth for each image, one call each")
+    estimate = commands.add_parser("estimate", help="depth for each image, one call each; a failed image is "
+                                                    "reported and the others go on")
     estimate.add_argument("images", nargs="+", metavar="IMG")
     outputs(estimate)
 
-    stream = commands.add_parser("stream", help="stream a folder or glob of images, with a progress bar and fps")
-    stream.add_argument("source", metavar="DIR_OR_GLOB")
+    stream = commands.add_parser("stream", help="stream a folder, a glob, a video file or a camera, with a progress "
+                                                "bar and fps")
+    stream.add_argument("source", metavar="SOURCE",
+                        help="a folder or glob of images, a video file (mp4, mkv, avi, ...) or a camera (/dev/video0); "
+                             "video needs PyAV: pip install 'depthd-client[video]'")
+    stream.add_argument("-r", "--recursive", action="store_true", help="search the folder's subfolders too (** in a glob)")
+    stream.add_argument("--fps", type=_positive, metavar="N", help="send at most N frames a second, like a camera")
     stream.add_argument("--latest-frame-wins", action="store_true",
                         help="let the daemon skip frames that wait while a newer one arrives")
     stream.add_argument("--stabilize", action="store_true",
                         help="align each frame of a relative model to the stream's running reference: no flicker")
-    outputs(stream)
+    outputs(stream, _formats(argparse.Namespace(command="stream")))
+
+    bags.add_parser(commands)
 
     models = commands.add_parser("models", help="the models the daemon serves")
     models.add_argument("--stats", action="store_true",
@@ -104,6 +124,16 @@ def _hints(path: str) -> np.ndarray:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def _stride(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
@@ -111,17 +141,37 @@ def _stride(text: str) -> int:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """What argparse cannot say by itself: the flags that need another."""
-    if args.command in ("estimate", "stream") and args.format != "ply":
-        given = [flag for flag, value in (("--rgb", args.rgb), ("--point-stride", args.point_stride)) if value]
+    """What argparse cannot say by itself: the flags that need another. An option that would do nothing
+    is an error, not a silent no-op."""
+    if args.command not in ("estimate", "stream"):
+        return
+    form = args.format or "npy"
+    for flag, value, forms in (("--rgb", args.rgb, ("ply",)), ("--point-stride", args.point_stride, ("ply",)),
+                               ("--colormap", args.colormap, VIS_FORMATS), ("--vis-range", args.vis_range, VIS_FORMATS)):
+        if value and form not in forms:
+            parser.error(f"{flag} goes with --format {' or '.join(f for f in forms if f in _formats(args))}")
+    if form == "mp4":
+        if video.is_camera(args.source) and not args.output:
+            parser.error("--format mp4 of a camera needs -o DIR: there is no folder beside it")
+    elif not args.output:
+        given = f"--format {args.format}" if args.format else "--overwrite" if args.overwrite else ""
         if given:
-            parser.error(f"{' and '.join(given)} go with --format ply")
+            parser.error(f"{given} writes files: give -o DIR")
+    args.format = form
+
+
+def _formats(args: argparse.Namespace) -> tuple[str, ...]:
+    return files.FORMATS + (("mp4",) if args.command == "stream" else ())
 
 
 def _request_options(client: DepthClient, args: argparse.Namespace, folder: Path | None) -> dict[str, Any]:
     """What each image of `estimate` or `stream` asks for: the model, the camera, and what the files need."""
-    options: dict[str, Any] = {"model": args.model, "colormap": args.colormap}
-    if folder:
+    options: dict[str, Any] = {"model": args.model}
+    if args.colormap:
+        options["colormap"] = args.colormap
+    if args.format == "mp4":
+        options["visualization"] = True
+    elif folder:
         options.update(files.request_options(args.format, _is_metric(client, args.model)))
         if args.format == "ply":
             options.update(point_cloud_rgb=args.rgb, point_stride=args.point_stride or 0)
@@ -144,69 +194,154 @@ def _is_metric(client: DepthClient, model: str) -> bool:
 def _estimate(client: DepthClient, args: argparse.Namespace) -> int:
     folder = _output_folder(args)
     options = _request_options(client, args, folder)
-    for image in args.images:
-        result = client.estimate(image, hints=args.hints, **options)
-        line = f"{image}: {result.kind}, {result.depth.shape[1]}x{result.depth.shape[0]}, " \
-               f"{result.min:.3f}..{result.max:.3f}, {result.timing.total_ms:.1f} ms"
-        if result.alignment is not None:
-            a = result.alignment
-            line += f", hints {a.hints_used} used {a.hints_rejected} rejected (rmse {a.rmse_m:.3f} m)"
-        if folder:
-            path = files.output_path(image, folder, args.format)
-            files.write(result, path, args.format)
-            line += f" -> {path}"
-        print(line)
+    failures: list[str] = []
+    for image, name in zip(args.images, sources.names([Path(i) for i in args.images])):
+        try:
+            result = client.estimate(image, hints=args.hints, **options)
+            line = _describe(image, result)
+            if folder:
+                path = files.output_path(name, folder, args.format)
+                files.write(result, path, args.format, args.overwrite)
+                line += f" -> {path}"
+            print(line)
+        except DepthdError as error:
+            if error.code in ABORTING:
+                raise
+            failures.append(f"{image}: {error.code.name}: {error.details}")
+            print(f"depthctl: {failures[-1]}", file=sys.stderr)
+        except (OSError, ValueError) as error:
+            failures.append(f"{image}: {error}")
+            print(f"depthctl: {failures[-1]}", file=sys.stderr)
+    if failures:
+        print(f"depthctl: {len(failures)} of {len(args.images)} images failed:\n  " + "\n  ".join(failures),
+              file=sys.stderr)
+        return 1
     return 0
 
 
+def _describe(image: str, result: DepthResult) -> str:
+    line = f"{image}: {result.kind}, {result.depth.shape[1]}x{result.depth.shape[0]}, " \
+           f"{result.min:.3f}..{result.max:.3f}, {result.timing.total_ms:.1f} ms"
+    if result.alignment is not None:
+        a = result.alignment
+        line += f", hints {a.hints_used} used {a.hints_rejected} rejected (rmse {a.rmse_m:.3f} m)"
+    return line
+
+
 def _stream(client: DepthClient, args: argparse.Namespace) -> int:
-    paths = _images(args.source)
-    if not paths:
-        print(f"depthctl: no images in {args.source}", file=sys.stderr)
-        return 2
+    source = sources.open_source(args.source, args.recursive)
     folder = _output_folder(args)
-    options = _request_options(client, args, folder)
-    started = time.monotonic()
-    latencies, failed, dropped = [], 0, 0
-    frames = (StreamFrame(path.read_bytes(), hints=args.hints) for path in paths)
-    results = client.stream(frames, latest_frame_wins=args.latest_frame_wins, **options)
-    for count, (path, result) in enumerate(zip(paths, results), start=1):
-        if result.error is not None:
-            failed += 1
-            print(f"\n{path}: {result.error.code.name}: {result.error.message}", file=sys.stderr)
-        elif result.dropped:
-            dropped += 1
-        else:
-            latencies.append(result.timing.total_ms)
-            if folder:
-                files.write(result, files.output_path(path, folder, args.format), args.format)
-        _progress(count, len(paths), time.monotonic() - started)
-    elapsed = time.monotonic() - started
-    latencies.sort()
-    p50 = latencies[len(latencies) // 2] if latencies else 0.0
-    print(f"{len(paths)} frames in {elapsed:.2f} s: {len(paths) / elapsed:.1f} fps, "
-          f"p50 {p50:.1f} ms in the daemon, {dropped} dropped, {failed} failed", file=sys.stderr)
-    return 1 if failed else 0
+    try:
+        frames = iter(source)
+        if args.fps:
+            frames = sources.paced(frames, args.fps)
+        options = _request_options(client, args, folder)
+        sink = _sink(client, args, source, folder, frames, options)
+        if sink.first is not None:
+            frames = itertools.chain([sink.first], frames)
+        return _run_stream(client, args, frames, options, sink, Tally(total=source.total))
+    finally:
+        source.close()
 
 
-def _progress(done: int, total: int, elapsed: float) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    filled = int(width * done / total)
-    fps = done / elapsed if elapsed > 0 else 0.0
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {fps:.1f} fps")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def _run_stream(client: DepthClient, args: argparse.Namespace, frames: Iterator[sources.Frame],
+                options: dict[str, Any], sink: _FileSink | _VideoSink, tally: Tally) -> int:
+    """Send the frames over one stream and write each result: a daemon that goes away mid-stream (a
+    SIGTERM, a restart) ends it with what was finished said first."""
+    sent: collections.deque[sources.Frame] = collections.deque()
+
+    def requests() -> Iterator[StreamFrame]:
+        for frame in frames:
+            sent.append(frame)
+            yield StreamFrame(frame.image, timestamp_ns=frame.timestamp_ns, hints=args.hints)
+
+    try:
+        for result in client.stream(requests(), latest_frame_wins=args.latest_frame_wins, **options):
+            frame = sent.popleft()
+            tally.add(result)
+            if result.error is not None:
+                print(f"\n{frame.name}: {result.error.code.name}: {result.error.message}", file=sys.stderr)
+            sink.write(frame, result)
+            tally.show()
+    except (DepthdError, OSError) as error:
+        tally.done()
+        print(f"depthctl: stopped after {tally.frames} frames: {error}", file=sys.stderr)
+        return 1
+    finally:
+        sink.close()
+    tally.done()
+    if sink.path:
+        print(f"depthctl: wrote {sink.path}", file=sys.stderr)
+    return 1 if tally.failed else 0
 
 
-def _images(source: str) -> list[Path]:
-    if Path(source).is_dir():
-        candidates = Path(source).iterdir()
-    else:
-        candidates = (Path(p) for p in glob.glob(source))
-    return sorted(p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+class _FileSink:
+    """A stream's results as a file per frame into -o DIR, or nowhere (the summary alone) without it."""
+
+    first: sources.Frame | None = None
+    path: Path | None = None
+
+    def __init__(self, args: argparse.Namespace, folder: Path | None):
+        self._args = args
+        self._folder = folder
+
+    def write(self, frame: sources.Frame, result: DepthResult) -> None:
+        if self._folder and result.ok and not result.dropped:
+            files.write(result, files.output_path(frame.name, self._folder, self._args.format), self._args.format,
+                        self._args.overwrite)
+
+    def close(self) -> None:
+        pass
+
+
+class _VideoSink:
+    """A stream's visualizations as one H.264 mp4, at the source's rate. A frame without a picture
+    (dropped or failed) repeats the one before, so the video keeps the source's timing. `first` is the
+    frame taken from the source to fix the colour range, to be sent first."""
+
+    def __init__(self, path: Path, fps: float, first: sources.Frame):
+        self.first = first
+        self.path = path
+        self._writer = video.Mp4Writer(path, fps)
+        self._last: np.ndarray | None = None
+
+    def write(self, frame: sources.Frame, result: DepthResult) -> None:
+        if result.visualization_png:
+            self._last = video.decode_png(result.visualization_png)
+        if self._last is not None:
+            self._writer.write(self._last)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _sink(client: DepthClient, args: argparse.Namespace, source: sources.Source, folder: Path | None,
+          frames: Iterator[sources.Frame], options: dict[str, Any]) -> _FileSink | _VideoSink:
+    """The sink for --format; for mp4, the colour range is fixed for the whole video (--vis-range, else the
+    first frame's, asked for on its own before the stream opens) and set in `options`."""
+    if args.format != "mp4":
+        return _FileSink(args, folder)
+    path = _video_path(args, folder)
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"{path} exists (--overwrite replaces it)")
+    first = next(frames, None)
+    if first is None:
+        raise OSError(f"no frames in {args.source}")
+    if not args.vis_range:
+        result = client.estimate(first.image, model=args.model, hints=args.hints, intrinsics=args.intrinsics)
+        options["vis_min"], options["vis_max"] = result.min, result.max
+        print(f"depthctl: colour range {result.min:.3f}..{result.max:.3f} (the first frame's; --vis-range sets it)",
+              file=sys.stderr)
+    return _VideoSink(path, args.fps or source.fps or 10.0, first)
+
+
+def _video_path(args: argparse.Namespace, folder: Path | None) -> Path:
+    """`<source>.depth.mp4` in -o DIR, else beside the source (a folder's or glob's: beside its folder)."""
+    source = Path(args.source)
+    if not video.is_video(args.source) and not source.is_dir():
+        source = Path(os.path.commonpath([str(p.parent) for p in sources.image_files(args.source, args.recursive)]))
+    name = (source.stem if video.is_video(args.source) else source.resolve().name) + ".depth.mp4"
+    return (folder or source.resolve().parent) / name
 
 
 def _output_folder(args: argparse.Namespace) -> Path | None:
@@ -287,13 +422,15 @@ def main(argv: list[str] | None = None) -> int:
                 return _estimate(client, args)
             if args.command == "stream":
                 return _stream(client, args)
+            if args.command == "bag":
+                return bags.run(client, args)
             if args.command == "models":
                 return _models(client, args.stats)
             return _health(client, args)
         except DepthdError as error:
             print(f"depthctl: {error}{_hint(error, args)}", file=sys.stderr)
             return 1
-        except OSError as error:
+        except (OSError, ImportError) as error:  # a file that cannot be read or written, PyAV missing
             print(f"depthctl: {error}", file=sys.stderr)
             return 2
         except ValueError as error:  # an answer that lacks what the file needs (a daemon without point clouds)

@@ -15,12 +15,17 @@ FORMATS = ("npy", "png16", "vis", "ply")
 SUFFIXES = {"npy": ".depth.npy", "png16": ".depth16.png", "vis": ".vis.png", "ply": ".ply"}
 
 
-def output_path(image: str | Path, folder: Path, form: str) -> Path:
-    return folder / (Path(image).name.rsplit(".", 1)[0] + SUFFIXES[form])
+def output_path(name: str, folder: Path, form: str) -> Path:
+    """Where the result of the frame called `name` (a relative path without suffix: `sources.names`) goes."""
+    return folder / (name + SUFFIXES[form])
 
 
-def write(result: DepthResult, path: Path, form: str) -> None:
-    """Write one result in the form it was requested for (see `request_options`)."""
+def write(result: DepthResult, path: Path, form: str, overwrite: bool = False) -> None:
+    """Write one result in the form it was requested for (see `request_options`), making the folders it
+    needs. FileExistsError for a file already there, unless `overwrite`."""
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists (--overwrite replaces it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if form == "npy":
         np.save(path, result.depth.astype(np.float32, copy=False))
     elif form == "png16":
