@@ -147,6 +147,23 @@ def intrinsics(value: Any) -> Intrinsics:
         raise Problem(str(error).lstrip(".")) from None
 
 
+def metrics_address(value: Any) -> str | None:
+    """host:port for the /metrics endpoint; a bare port is on loopback; None or "": no endpoint."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Problem(f"must be host:port (port 0-65535), got {value!r}")
+    address = str(value)
+    if address.isdecimal():
+        address = f"127.0.0.1:{address}"
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdecimal() or int(port) > 65535:
+        raise Problem(f"must be host:port (port 0-65535), got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise Problem(f"an IPv6 host goes in brackets ([::1]:9464), got {value!r}")
+    return address
+
+
 def optional(check: Check) -> Check:
     """None (the setting left to its default behaviour), or what `check` accepts."""
 
@@ -311,6 +328,9 @@ class Settings:
     process's own group."""
     allow_insecure_remote: bool = setting(False, flag)
     """Accept listening on a non-loopback address with neither TLS nor a token (a warning at every start)."""
+    metrics_listen: str | None = setting(None, metrics_address)
+    """host:port of an HTTP endpoint serving Prometheus metrics at /metrics (no TLS, no token: keep
+    it on loopback or a trusted network). None: no endpoint."""
     limits: Limits = field(default_factory=Limits)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="require client certificates signed by this CA (mutual TLS)")
     serve.add_argument("--auth-token-file", metavar="FILE",
                        help="tokens, one per line: every call but health needs `authorization: Bearer <token>`")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics over HTTP at http://HOST:PORT/metrics (a bare PORT: on "
+                            "127.0.0.1; default: off)")
     serve.add_argument("--demo", action="store_true",
                        help=f"also serve {DEMO_MODEL!r}: a tiny Depth Anything with RANDOM weights, built offline, "
                             "to smoke-test an install (its depth means nothing)")
@@ -65,7 +68,7 @@ def _flags(args: argparse.Namespace) -> dict:
         flags["models"] = [model_from_argument(m) for m in args.model]
     if args.demo:
         flags["demo"] = True
-    for key in ("default", "device", "dtype", "backend", "cache_dir", "log_level", "log_format"):
+    for key in ("default", "device", "dtype", "backend", "cache_dir", "log_level", "log_format", "metrics_listen"):
         value = getattr(args, key)
         if value is not None:
             flags["default_model" if key == "default" else key] = value
@@ -127,6 +130,8 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.file}: valid")
     print(f"  listen: {', '.join(settings.listen)}")
+    if settings.metrics_listen:
+        print(f"  metrics: http://{settings.metrics_listen}/metrics")
     for m in map(settings.resolved, settings.models):
         default = " (default)" if m.name == settings.default else ""
         print(f"  model {m.name}{default}: {m.source} on {m.device}, {m.dtype}, backend {m.backend}, "

@@ -4,7 +4,7 @@
 (NOT_SERVING) while the models load; each model is marked SERVING as it becomes warm,
 and systemd hears READY=1 once all are. On SIGTERM (`serve`) the server drains within
 `drain_grace_s` and the process exits 0; a second signal exits at once. SIGHUP reads the
-TLS files again.
+TLS files again. With `metrics_listen`, Prometheus metrics are served from start to stop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from depthd.config import Settings
 from depthd.errors import DepthdError
 from depthd.ops import descriptors
+from depthd.ops.metrics import Metrics
 from depthd.ops.systemd import Notifier
 from depthd.server.build import Server, create_server
 from depthd.serving.pool import ModelPool
@@ -49,6 +50,8 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         self.pool = pool or ModelPool(settings, heartbeat_s=min(1.0, interval / 4) if interval else 1.0)
         self.server: Server | None = None
+        self.metrics: Metrics | None = None
+        """The /metrics endpoint and what it serves, once started with `metrics_listen` set."""
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: BaseException | None = None
@@ -63,8 +66,17 @@ class Daemon:
         """Bind, start the server (health NOT_SERVING) and begin loading; returns the bound addresses."""
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        self.server = await create_server(self.settings, self.pool)
-        await self.server.start()
+        if self.settings.metrics_listen:
+            self.metrics = Metrics(self.pool)
+            self.metrics.start(self.settings.metrics_listen)
+        try:
+            frames = self.metrics.frames if self.metrics is not None else None
+            self.server = await create_server(self.settings, self.pool, frames)
+            await self.server.start()
+        except BaseException:
+            if self.metrics is not None:
+                self.metrics.stop()
+            raise
         if self.notifier.watchdog_interval:
             self._tasks.append(asyncio.ensure_future(self._keep_watchdog(self.notifier.watchdog_interval)))
         self._tasks.append(asyncio.ensure_future(descriptors.watch()))
@@ -105,6 +117,8 @@ class Daemon:
         left = tuple(await asyncio.to_thread(self.pool.close, WORKER_JOIN_S))
         if left:
             logger.warning("model worker %s still in a forward pass: exiting without it", ", ".join(left))
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         logger.info("stopped")
         return Exit(1 if self._failure is not None else 0, left)
 

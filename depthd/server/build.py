@@ -20,7 +20,7 @@ from depthd.config import Limits, Settings, remote_addresses
 from depthd.errors import Unavailable
 from depthd.server import security
 from depthd.server.security import Certificates
-from depthd.server.servicer import DepthEstimatorService
+from depthd.server.servicer import DepthEstimatorService, FrameObserver
 from depthd.serving.pool import ModelPool
 from depthd_client.v1 import depth_pb2, depth_pb2_grpc
 
@@ -114,8 +114,9 @@ class Server:
         await self.server.stop(LAST_ANSWERS_S)
 
 
-async def create_server(settings: Settings, pool: ModelPool) -> Server:
+async def create_server(settings: Settings, pool: ModelPool, frames: FrameObserver | None = None) -> Server:
     """Bind and register; start nothing. Health is NOT_SERVING for everything until `mark_ready`.
+    `frames`, when given, is told how each frame ends (the metrics).
 
     TCP ports get TLS when it is configured; unix sockets are plaintext, created 0660 for
     `socket_group`. Every call but health needs a token when a token file is configured.
@@ -125,7 +126,7 @@ async def create_server(settings: Settings, pool: ModelPool) -> Server:
         maximum_concurrent_rpcs=settings.limits.max_concurrent_rpcs,
         interceptors=security.interceptors(settings.auth),
     )
-    servicer = DepthEstimatorService(pool, settings.limits)
+    servicer = DepthEstimatorService(pool, settings.limits, frames)
     depth_pb2_grpc.add_DepthEstimatorServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

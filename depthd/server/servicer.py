@@ -7,11 +7,12 @@ frame's response and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator, Protocol
 
 import grpc
 
@@ -29,6 +30,27 @@ logger = logging.getLogger(__name__)
 
 DROPPED_BACKLOG = 1024
 """Responses of dropped frames a stream may have waiting behind a frame still in the model."""
+
+
+class FrameObserver(Protocol):
+    """Told how each frame ended, once its answer is known (the daemon's metrics)."""
+
+    def finished(self, done: PoolResult) -> None:
+        """The frame's depth map, or its drop for a newer frame, is about to be sent."""
+
+    def failed(self, model: str, status: str) -> None:
+        """The frame is answered with an error: `status` is its status code's name (INVALID_ARGUMENT),
+        `model` the model it named (the default's name if none), which may not be served."""
+
+
+class Unobserved:
+    """A FrameObserver that does nothing: metrics are off."""
+
+    def finished(self, done: PoolResult) -> None:
+        pass
+
+    def failed(self, model: str, status: str) -> None:
+        pass
 
 
 class _Place:
@@ -78,24 +100,29 @@ class _End:
 
 
 class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
-    def __init__(self, pool: ModelPool, limits: Limits):
+    def __init__(self, pool: ModelPool, limits: Limits, frames: FrameObserver | None = None):
         self.pool = pool
         self.limits = limits
+        self.frames = frames or Unobserved()
         self.draining = asyncio.Event()
         """Set on shutdown: new calls are refused, open streams read no further frames."""
         self.calls = Calls()
 
     @unary_errors
     async def Estimate(self, request: pb.EstimateRequest, context: grpc.aio.ServicerContext) -> pb.EstimateResponse:
-        self._refuse_if_draining()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        pending = self._submit(request, deadline)
-        try:
-            return convert.response(request, await asyncio.wrap_future(pending))
-        finally:
-            # the reply is gRPC's now (or nobody's, if the call was cancelled): its bytes are no longer ours to count
-            pending.add_done_callback(release_result)
+        with self._failures_told(request.model):
+            self._refuse_if_draining()
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            pending = self._submit(request, deadline)
+            try:
+                done = await asyncio.wrap_future(pending)
+                response = convert.response(request, done)
+            finally:
+                # the reply is gRPC's now (or nobody's, if the call was cancelled): its bytes are no longer ours to count
+                pending.add_done_callback(release_result)
+        self.frames.finished(done)
+        return response
 
     @stream_errors
     async def EstimateStream(
@@ -153,6 +180,18 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
         latest_wins = lane is not None and request.latest_frame_wins
         return self.pool.submit(request.model, source, output, deadline, lane, latest_wins, geometry)
 
+    @contextlib.contextmanager
+    def _failures_told(self, model: str) -> Iterator[None]:
+        """Tell `frames` of a unary frame that fails, with the status code `unary_errors` will give it."""
+        try:
+            yield
+        except DepthdError as error:
+            self.frames.failed(self.pool.resolve(model), error.status)
+            raise
+        except Exception:
+            self.frames.failed(self.pool.resolve(model), grpc.StatusCode.INTERNAL.name)
+            raise
+
     def _refuse_if_draining(self) -> None:
         if self.draining.is_set():
             raise Unavailable("the daemon is shutting down; reconnect when it is back")
@@ -208,18 +247,22 @@ class DepthEstimatorService(depth_pb2_grpc.DepthEstimatorServicer):
 
     async def _answer(self, item: _Read) -> pb.EstimateResponse:
         request = item.request
+        model = self.pool.resolve(request.model)
         try:
             if isinstance(item.answer, DepthdError):
                 raise item.answer
-            return convert.response(request, await asyncio.wrap_future(item.answer))
+            done = await asyncio.wrap_future(item.answer)
+            response = convert.response(request, done)
         except DepthdError as error:
             refusals.log("EstimateStream frame refused: %s %s", error.status, error)
-            return convert.error_response(request, self.pool.resolve(request.model), status_of(error).value[0], str(error))
+            self.frames.failed(model, error.status)
+            return convert.error_response(request, model, status_of(error).value[0], str(error))
         except Exception:
             logger.exception("internal error on a stream frame frame_id=%d", request.frame_id)
-            return convert.error_response(
-                request, self.pool.resolve(request.model), grpc.StatusCode.INTERNAL.value[0], INTERNAL_MESSAGE
-            )
+            self.frames.failed(model, grpc.StatusCode.INTERNAL.name)
+            return convert.error_response(request, model, grpc.StatusCode.INTERNAL.value[0], INTERNAL_MESSAGE)
+        self.frames.finished(done)
+        return response
 
 
 def _retrieved(task: asyncio.Future) -> None:
