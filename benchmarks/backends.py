@@ -65,7 +65,7 @@ def variants() -> list[tuple[str, str]]:
     for backend in ("openvino", "onnxruntime"):
         if backends.installed(backend):
             found.append((backend, "float32"))
-            if half and torch.bfloat16 in backends.PRECISIONS[backend]:
+            if half and torch.bfloat16 in backends.precisions(backend, torch.device("cpu")):
                 found.append((backend, "bfloat16"))
     return found
 

@@ -19,6 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from depthd.engine import backends, hardware, synthetic  # noqa: E402
+from depthd.engine.backends import runtimes  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,17 +29,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {name: synthetic.build(name, root / name) for name in synthetic.TINY}
 
 
-MACHINE = {"cpu_flags": hardware.cpu_flags, "installed": backends.installed}
+MACHINE = {"cpu_flags": hardware.cpu_flags, "installed": backends.installed,
+           "available_providers": runtimes.available_providers}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def reference_path():
-    """What `auto` picks depends on the machine: its CPU (bfloat16 where it has AMX or AVX-512-BF16)
-    and the backends installed. A test's numbers must not, so the suite sees a machine without
-    either (torch, float32), through the seams that read them; tests marked `any_machine` see it as it is."""
+    """What `auto` picks depends on the machine: its CPU (bfloat16 where it has AMX or AVX-512-BF16),
+    the backends installed and, on CUDA, ONNX Runtime's providers (TensorRT). A test's numbers must
+    not, so the suite sees a machine without any (torch, float32), through the seams that read them;
+    tests marked `any_machine` see it as it is."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(hardware, "cpu_flags", lambda: frozenset())
         patch.setattr(backends, "installed", lambda name: name == "torch")
+        patch.setattr(runtimes, "available_providers", lambda: ())
         yield
 
 
@@ -47,6 +51,7 @@ def any_machine(request, monkeypatch):
     if request.node.get_closest_marker("any_machine") is not None:
         monkeypatch.setattr(hardware, "cpu_flags", MACHINE["cpu_flags"])
         monkeypatch.setattr(backends, "installed", MACHINE["installed"])
+        monkeypatch.setattr(runtimes, "available_providers", MACHINE["available_providers"])
 
 
 def pytest_addoption(parser):

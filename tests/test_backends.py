@@ -1,10 +1,13 @@
 """Backends: OpenVINO and ONNX Runtime run the exported network and match eager torch; exports are
-cached on disk; `auto` picks by the CPU, read through the one seam that reads it; input_size trades
-accuracy for speed openly, and ListModels says what each model runs on."""
+cached on disk and the weights loaded for one are let go; `auto` picks by the CPU and, on CUDA, by
+ONNX Runtime's providers, each read through the one seam that reads it (faked here: no GPU is
+needed); input_size trades accuracy for speed openly, and ListModels says what each model runs on."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import weakref
 
 import numpy as np
 import pytest
@@ -14,9 +17,10 @@ from daemon import DaemonThread
 from depthd.config import ModelSettings, Settings
 from depthd.domain import Frame, OutputSpec
 from depthd.engine import backends, hardware
-from depthd.engine.backends import export
+from depthd.engine.backends import export, runtimes
+from depthd.engine.backends.runtimes import CPU, CUDA, TENSORRT
 from depthd.engine.engine import DepthEngine
-from depthd.errors import ModelLoadError
+from depthd.errors import InvalidArgument, ModelLoadError
 from depthd_client import DepthClient
 
 pytestmark = pytest.mark.any_machine
@@ -101,6 +105,140 @@ def test_auto_backend_rule(monkeypatch):
     assert backends.candidates("auto", cpu) == ["torch"], "torch's bfloat16 beat ONNX Runtime's float32"
     monkeypatch.setattr(hardware, "is_x86", lambda: False)
     assert backends.candidates("auto", cpu) == ["torch"]
+
+
+def test_auto_backend_rule_on_cuda_is_onnxruntime_only_with_tensorrt(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "installed", lambda name: name in ("torch", "onnxruntime"))
+    monkeypatch.setattr(runtimes, "available_providers", lambda: (TENSORRT, CUDA, CPU))
+    assert backends.candidates("auto", cuda) == ["onnxruntime", "torch"], "TensorRT through ONNX Runtime"
+    assert backends.precision("auto", cuda, "onnxruntime") == torch.float16, "TensorRT's fp16 mode"
+    monkeypatch.setattr(runtimes, "available_providers", lambda: (CUDA, CPU))
+    assert backends.candidates("auto", cuda) == ["torch"], "ONNX Runtime's CUDA provider alone: torch"
+    assert backends.candidates("onnxruntime", cuda) == ["onnxruntime"], "asked for, it runs on CUDA's provider"
+    assert backends.precision("auto", cuda, "onnxruntime") == torch.float32, "no fp16 without TensorRT"
+    with pytest.raises(InvalidArgument, match="dtype: float16 is not available with backend onnxruntime on cuda"):
+        backends.precision("float16", cuda, "onnxruntime")
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    monkeypatch.setattr(runtimes, "available_providers", lambda: (TENSORRT, CUDA, CPU))
+    assert backends.candidates("auto", cuda) == ["torch"], "providers of an onnxruntime that is not installed"
+
+
+def test_onnxruntime_on_cuda_without_a_gpu_provider_names_the_gpu_extra(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(backends, "installed", lambda name: name in ("torch", "onnxruntime", "openvino"))
+    monkeypatch.setattr(runtimes, "available_providers", lambda: (CPU,))
+    with pytest.raises(InvalidArgument, match=r"has neither \(it has CPUExecutionProvider\).*'depthd\[onnxruntime-gpu\]'"):
+        backends.candidates("onnxruntime", cuda)
+    with pytest.raises(InvalidArgument, match="backend: openvino runs on cpu in depthd; the model is on cuda:0"):
+        backends.candidates("openvino", cuda)
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    with pytest.raises(InvalidArgument, match=r"pip install 'depthd\[onnxruntime-gpu\]'"):
+        backends.candidates("onnxruntime", cuda)
+    with pytest.raises(InvalidArgument, match=r"pip install 'depthd\[onnxruntime\]'"):
+        backends.candidates("onnxruntime", torch.device("cpu"))
+
+
+def test_onnxruntime_providers_for_the_device(tmp_path):
+    cuda = torch.device("cuda", 1)
+    everything = [TENSORRT, CUDA, CPU]
+    providers = runtimes.providers_for(cuda, torch.float16, everything, tmp_path)
+    assert [name for name, _ in providers] == [TENSORRT, CUDA, CPU]
+    trt = providers[0][1]
+    assert trt["device_id"] == 1 and trt["trt_fp16_enable"] is True
+    assert trt["trt_engine_cache_enable"] is True and trt["trt_timing_cache_enable"] is True
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt" / "fp16")
+    assert trt["trt_timing_cache_path"] == str(tmp_path / "tensorrt")
+    assert providers[1] == (CUDA, {"device_id": 1})
+    exact = runtimes.providers_for(cuda, torch.float32, everything, tmp_path)[0][1]
+    assert exact["trt_fp16_enable"] is False, "an engine is built for one precision: its own folder"
+    assert exact["trt_engine_cache_path"] == str(tmp_path / "tensorrt" / "fp32")
+    assert runtimes.providers_for(cuda, torch.float32, [CUDA, CPU], tmp_path) == [(CUDA, {"device_id": 1}), (CPU, {})]
+    with pytest.raises(InvalidArgument, match="float16 .* is TensorRT's fp16 mode"):
+        runtimes.providers_for(cuda, torch.float16, [CUDA, CPU], tmp_path)
+    with pytest.raises(InvalidArgument, match="dtype: bfloat16 is not available with backend onnxruntime on cuda:1"):
+        runtimes.providers_for(cuda, torch.bfloat16, everything, tmp_path)
+    with pytest.raises(InvalidArgument, match=r"has neither \(it has none\).*pip install 'depthd\[onnxruntime-gpu\]'"):
+        runtimes.providers_for(cuda, torch.float32, [], tmp_path)
+    assert runtimes.providers_for(torch.device("cpu"), torch.float32, everything, tmp_path) == [(CPU, {})]
+
+
+@pytest.mark.skipif(not backends.installed("onnxruntime"), reason="onnxruntime not installed")
+@pytest.mark.filterwarnings("ignore:Specified provider", "ignore::DeprecationWarning")
+def test_a_gpu_provider_that_does_not_load_is_refused_not_run_on_the_cpu(tmp_path, monkeypatch):
+    """onnxruntime lists providers it was built with, and a session whose provider does not load runs
+    on the next: this CPU onnxruntime, told it has TensorRT and CUDA, must not quietly run on the CPU."""
+    onnx = tmp_path / "conv.onnx"
+    with torch.no_grad():
+        torch.onnx.export(torch.nn.Conv2d(3, 1, 1), (torch.zeros(1, 3, 4, 4),), str(onnx), dynamo=False,
+                          input_names=["pixel_values"])
+    monkeypatch.setattr(runtimes, "available_providers", lambda: (TENSORRT, CUDA, CPU))
+    runtime = runtimes.OnnxRuntimeRuntime(torch.float16, 1, tmp_path, torch.device("cuda", 0))
+    assert (tmp_path / "tensorrt" / "fp16").is_dir()
+    with pytest.raises(export.ExportFailed, match="could not start its TensorrtExecutionProvider"):
+        runtime.compile(onnx)
+    cpu = runtimes.OnnxRuntimeRuntime(torch.float32, 1, tmp_path, torch.device("cpu"))
+    assert cpu.compile(onnx)(np.zeros((1, 3, 4, 4), np.float32))[0].shape == (1, 1, 4, 4)
+
+
+@pytest.mark.gpu
+def test_onnxruntime_on_cuda_runs_as_eager_torch(tiny_models, tmp_path):
+    """Opt-in (--run-gpu), with onnxruntime-gpu; never run by the sessions that wrote it (no GPU).
+    The bounds allow for TF32, which both torch's convolutions and TensorRT may use in float32."""
+    available = runtimes.available_providers()
+    if not {TENSORRT, CUDA} & set(available):
+        pytest.skip("no GPU provider in this onnxruntime: pip install 'depthd[onnxruntime-gpu]'")
+    folder = str(tiny_models["depth_anything"])
+    eager = DepthEngine.load(ModelSettings("e", folder, device="cuda", backend="torch", dtype="float32", warmup_sizes=SIZE))
+    for dtype, bound in (("float32", 5e-3), ("float16", 3e-2)):
+        if dtype == "float16" and TENSORRT not in available:
+            continue
+        engine = DepthEngine.load(ModelSettings("o", folder, device="cuda", backend="onnxruntime", dtype=dtype,
+                                                warmup_sizes=SIZE, cache_dir=str(tmp_path)))
+        assert (engine.backend, engine.dtype) == ("onnxruntime", getattr(torch, dtype))
+        error = centred(depth_of(engine), depth_of(eager))
+        assert error < bound, f"onnxruntime {dtype} on CUDA: centred error {error:.2e}"
+    if TENSORRT in available:
+        assert list((tmp_path / "tensorrt").rglob("*.engine")), "TensorRT's engines are cached"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed: torch.onnx.export needs it")
+def test_an_export_drops_the_torch_weights_and_trims_the_heap(tiny_models, tmp_path, monkeypatch):
+    from transformers import AutoModelForDepthEstimation
+
+    loaded, trims = [], []
+    monkeypatch.setattr(export, "_malloc_trim", lambda: trims.append)
+
+    def load():
+        model = AutoModelForDepthEstimation.from_pretrained(tiny_models["depth_anything"])
+        loaded.append(weakref.ref(model))
+        return model
+
+    exports = export.OnnxExports("da", tmp_path, {"test": "1"}, load, field_of_view=False)
+    exports.path_for((42, 56))
+    assert loaded and loaded[0]() is None, "the torch model is gone once the file is written"
+    assert trims == [0], "malloc_trim(0) after the export"
+    exports.path_for((42, 56))
+    assert trims == [0], "a file found on disk loads nothing, so trims nothing"
+
+
+def test_malloc_trim_is_only_called_where_libc_has_it(monkeypatch):
+    export._malloc_trim.cache_clear()
+    try:
+        monkeypatch.setattr(export.ctypes, "CDLL", lambda name: object())
+        assert export._malloc_trim() is None
+        export.release_freed_memory()  # no error where there is none
+    finally:
+        monkeypatch.undo()
+        export._malloc_trim.cache_clear()
+
+
+def test_auto_backend_takes_one_that_has_the_dtype_asked_for(tiny_models, monkeypatch):
+    monkeypatch.setattr(hardware, "is_x86", lambda: True)
+    monkeypatch.setattr(backends, "installed", lambda name: name in ("torch", "openvino"))
+    monkeypatch.setattr(backends, "candidates", lambda spec, device: ["openvino", "torch"])
+    engine = DepthEngine.load(ModelSettings("da", str(tiny_models["depth_anything"]), dtype="float16", warmup_sizes=SIZE))
+    assert (engine.backend, engine.dtype) == ("torch", torch.float16), "OpenVINO has no float16 in depthd: torch has"
 
 
 def test_a_backend_not_installed_names_its_extra(tiny_models, monkeypatch):

@@ -152,6 +152,10 @@ class DepthEngine:
             if settings.cuda_graphs and device.type != "cuda":
                 raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
             choices = backends.candidates(settings.backend, device)
+            if settings.backend in (None, "auto") and settings.dtype not in (None, "auto"):
+                # `auto` picks among the backends that compute in the dtype asked for; torch has them all
+                wanted = getattr(torch, settings.dtype)
+                choices = [name for name in choices if wanted in backends.precisions(name, device)] or ["torch"]
             if settings.compile or settings.cuda_graphs:
                 if settings.backend not in (None, "auto", "torch"):
                     raise InvalidArgument(f"compile: torch.compile is torch's; backend {settings.backend} compiles on its own")
@@ -188,7 +192,10 @@ class DepthEngine:
             lambda: load_checkpoint(settings, torch.device("cpu"), torch.float32).model,
             checkpoint.architecture.estimates_focal_length(checkpoint.config),
         )
-        forward = backends.exported(backend, exports, dtype, torch.get_num_threads(), cache, device)
+        try:
+            forward = backends.exported(backend, exports, dtype, torch.get_num_threads(), cache, device)
+        except InvalidArgument as error:
+            raise ModelLoadError(settings.name, settings.source, str(error)) from error
         engine = cls(checkpoint, device, dtype, settings, forward)
         for height, width in settings.warmup_sizes:
             forward.prepare(engine.processed_size(height, width))

@@ -4,9 +4,12 @@
 - on an x86 CPU, OpenVINO when it is installed (it was the fastest there, in float32 and in
   bfloat16); else ONNX Runtime when it is installed and the CPU has no bfloat16 (torch's
   bfloat16 beat ONNX Runtime's float32 where there is); else torch;
-- elsewhere (CUDA, ARM CPUs), torch: nothing else was measured there.
+- on CUDA, ONNX Runtime when TensorRT is available through it (onnxruntime-gpu, and TensorRT's
+  library loads), as the issue's rule has it; else torch. Not measured on a GPU here;
+- elsewhere (ARM CPUs, other devices), torch: nothing else was measured there.
 `dtype: auto` is the half precision the hardware computes natively (float16 on CUDA,
-bfloat16 on a CPU with AMX or AVX-512-BF16), where the backend has it; otherwise float32.
+bfloat16 on a CPU with AMX or AVX-512-BF16), where the backend has it on that device;
+otherwise float32.
 """
 
 from __future__ import annotations
@@ -19,22 +22,44 @@ import numpy as np
 import torch
 
 from depthd.engine import hardware
+from depthd.engine.backends import export, runtimes
 from depthd.engine.backends.base import Forward, NetworkOutput, TorchForward
 from depthd.engine.backends.export import ExportFailed, OnnxExports
 from depthd.errors import InvalidArgument
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
-EXTRAS = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
-"""backend -> the extra that installs it: pip install 'depthd[openvino]'."""
-PRECISIONS = {
-    "torch": (torch.float32, torch.float16, torch.bfloat16),
-    "openvino": (torch.float32, torch.bfloat16),
-    "onnxruntime": (torch.float32,),
+EXTRAS = {
+    ("openvino", "cpu"): "openvino",
+    ("onnxruntime", "cpu"): "onnxruntime",
+    ("onnxruntime", "cuda"): runtimes.GPU_EXTRA,
 }
+"""(backend, device type) -> the extra that installs it there: pip install 'depthd[onnxruntime-gpu]'.
+A pair not here is one depthd does not run (OpenVINO on CUDA)."""
+PRECISIONS = {
+    ("torch", None): (torch.float32, torch.float16, torch.bfloat16),
+    ("openvino", "cpu"): (torch.float32, torch.bfloat16),
+    ("onnxruntime", "cpu"): (torch.float32,),
+    ("onnxruntime", "cuda"): (torch.float32, torch.float16),
+}
+"""(backend, device type) -> the dtypes it computes in there; None: any device. ONNX Runtime's
+float16 on CUDA is TensorRT's fp16 mode (the graph stays float32): without TensorRT, float32 only."""
 
 
 def installed(backend: str) -> bool:
     return backend == "torch" or importlib.util.find_spec(backend) is not None
+
+
+def precisions(backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes `backend` computes in on `device`; empty where it does not run there."""
+    found = PRECISIONS.get((backend, device.type), PRECISIONS.get((backend, None), ()))
+    if (backend, device.type) == ("onnxruntime", "cuda") and runtimes.TENSORRT not in runtimes.available_providers():
+        found = tuple(dtype for dtype in found if dtype != torch.float16)
+    return found
+
+
+def tensorrt_available() -> bool:
+    """Whether TensorRT can run a network through ONNX Runtime here."""
+    return installed("onnxruntime") and runtimes.TENSORRT in runtimes.available_providers()
 
 
 def candidates(spec: str | None, device: torch.device) -> list[str]:
@@ -42,11 +67,21 @@ def candidates(spec: str | None, device: torch.device) -> list[str]:
     if spec not in (None, "auto"):
         if spec not in BACKENDS:
             raise InvalidArgument(f"backend: {spec!r} is not one of {', '.join(BACKENDS)}")
+        if spec == "torch":
+            return [spec]
+        extra = EXTRAS.get((spec, device.type))
+        if extra is None:
+            devices = " or ".join(kind for name, kind in EXTRAS if name == spec)
+            raise InvalidArgument(f"backend: {spec} runs on {devices} in depthd; the model is on {device}: use torch")
         if not installed(spec):
-            raise InvalidArgument(f"backend: {spec} is not installed: pip install 'depthd[{EXTRAS[spec]}]'")
-        if spec != "torch" and device.type != "cpu":
-            raise InvalidArgument(f"backend: {spec} runs on the CPU in depthd; the model is on {device}: use torch")
+            raise InvalidArgument(f"backend: {spec} is not installed: pip install 'depthd[{extra}]'")
+        if (spec, device.type) == ("onnxruntime", "cuda"):
+            available = runtimes.available_providers()
+            if not {runtimes.TENSORRT, runtimes.CUDA} & set(available):
+                raise runtimes.no_gpu_provider(device, available)
         return [spec]
+    if device.type == "cuda":
+        return ["onnxruntime", "torch"] if tensorrt_available() else ["torch"]
     if device.type != "cpu" or not hardware.is_x86():
         return ["torch"]
     if installed("openvino"):
@@ -61,11 +96,12 @@ def precision(spec: str | None, device: torch.device, backend: str) -> torch.dty
     where this backend has it, else float32."""
     if spec in (None, "auto"):
         half = hardware.native_half_precision(device)
-        return half if half in PRECISIONS[backend] else torch.float32
+        return half if half in precisions(backend, device) else torch.float32
     dtype = getattr(torch, spec)
-    if dtype not in PRECISIONS[backend]:
-        names = ", ".join(str(d).removeprefix("torch.") for d in PRECISIONS[backend])
-        raise InvalidArgument(f"dtype: {spec} is not available with backend {backend} (it has {names})")
+    found = precisions(backend, device)
+    if dtype not in found:
+        names = ", ".join(str(d).removeprefix("torch.") for d in found)
+        raise InvalidArgument(f"dtype: {spec} is not available with backend {backend} on {device.type} (it has {names})")
     return dtype
 
 
@@ -85,9 +121,11 @@ class ExportedForward:
         self._sessions: dict[tuple[int, int], Callable] = {}
 
     def prepare(self, size: tuple[int, int]) -> None:
-        """Export (or find on disk) and compile the network for frames processed at (height, width)."""
+        """Export (or find on disk) and compile the network for frames processed at (height, width);
+        then hand what compiling freed (the graph read from the file) back to the system."""
         if size not in self._sessions:
             self._sessions[size] = self._runtime.compile(self.exports.path_for(size))
+            export.release_freed_memory()
 
     def __call__(self, pixel_values: torch.Tensor) -> NetworkOutput:
         size = (int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
@@ -104,10 +142,9 @@ class ExportedForward:
 
 def exported(backend: str, exports: OnnxExports, dtype: torch.dtype, threads: int, cache: Path,
              device: torch.device) -> ExportedForward:
-    from depthd.engine.backends.runtimes import RUNTIMES
-
-    return ExportedForward(RUNTIMES[backend](dtype, threads, cache), exports, device)
+    return ExportedForward(runtimes.RUNTIMES[backend](dtype, threads, cache, device), exports, device)
 
 
-__all__ = ["BACKENDS", "EXTRAS", "ExportFailed", "ExportedForward", "Forward", "NetworkOutput", "OnnxExports",
-           "TorchForward", "candidates", "exported", "installed", "precision"]
+__all__ = ["BACKENDS", "EXTRAS", "PRECISIONS", "ExportFailed", "ExportedForward", "Forward", "NetworkOutput",
+           "OnnxExports", "TorchForward", "candidates", "exported", "installed", "precision", "precisions",
+           "tensorrt_available"]
