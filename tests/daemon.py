@@ -114,14 +114,20 @@ class Gate:
             self._condition.notify_all()
 
 
-def gated_daemon(settings: Settings, gated: tuple[str, ...]):
-    """For a module fixture (`yield from`): a serving daemon whose `gates` hold the named models'
-    forward passes at will; released and stopped (exit 0) at the end."""
+def serving(settings: Settings) -> DaemonThread:
+    """A daemon started and waited for until health says SERVING (its models loaded and warm)."""
     from depthd_client import DepthClient
 
     running = DaemonThread(settings)
     with DepthClient(running.address) as client:
         client.wait_until_serving(60)
+    return running
+
+
+def gated_daemon(settings: Settings, gated: tuple[str, ...]):
+    """For a module fixture (`yield from`): a serving daemon whose `gates` hold the named models'
+    forward passes at will; released and stopped (exit 0) at the end."""
+    running = serving(settings)
     running.gates = {name: Gate(running.daemon.pool.engine(name).checkpoint.model) for name in gated}
     yield running
     for gate in running.gates.values():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon import DaemonThread
+from daemon import serving
 from PIL import Image
 from scenes import scene
 
@@ -85,9 +85,7 @@ def daemon(tiny_models):
         ),
         limits=Limits(),
     )
-    running = DaemonThread(settings)
-    with DepthClient(running.address) as client:
-        client.wait_until_serving(60)
+    running = serving(settings)
     yield running
     running.stop()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon import DaemonThread, wait_for
+from daemon import DaemonThread, serving, wait_for
 from PIL import Image
 from scenes import scene
 
@@ -26,16 +26,9 @@ def settings(tiny_models, listen: str = "127.0.0.1:0") -> Settings:
     return Settings(listen=(listen,), models=(model,), limits=Limits())
 
 
-def started(settings: Settings) -> DaemonThread:
-    running = DaemonThread(settings)
-    with DepthClient(running.address) as client:
-        client.wait_until_serving(60)
-    return running
-
-
 @pytest.fixture(scope="module")
 def daemon(tiny_models):
-    running = started(settings(tiny_models))
+    running = serving(settings(tiny_models))
     yield running
     running.stop()
 
@@ -174,7 +167,7 @@ def free_port() -> int:
 def test_a_daemon_stopped_mid_stream_leaves_depthctl_saying_what_it_finished(tiny_models, tmp_path, capsys):
     for i in range(200):
         save(tmp_path / "in" / f"{i:03d}.png", seed=i % 7)
-    running = started(settings(tiny_models))
+    running = serving(settings(tiny_models))
     out = tmp_path / "out"
     exit_code = []
     argv = ["--target", running.address, "stream", str(tmp_path / "in"), "-o", str(out), "--fps", "40"]
@@ -192,13 +185,13 @@ def test_a_daemon_stopped_mid_stream_leaves_depthctl_saying_what_it_finished(tin
 
 def test_reconnect_rides_out_a_daemon_restart_for_calls_and_a_stream(tiny_models):
     port = free_port()
-    first = started(settings(tiny_models, f"127.0.0.1:{port}"))
+    first = serving(settings(tiny_models, f"127.0.0.1:{port}"))
     frame = scene(64, 48)
     restarted: list[DaemonThread] = []
 
     def restart() -> None:
         first.stop()
-        restarted.append(started(settings(tiny_models, f"127.0.0.1:{port}")))
+        restarted.append(serving(settings(tiny_models, f"127.0.0.1:{port}")))
 
     def frames():
         for i in range(10):
@@ -215,7 +208,7 @@ def test_reconnect_rides_out_a_daemon_restart_for_calls_and_a_stream(tiny_models
             lost = [r for r in results if not r.ok]  # those in flight as the first daemon stopped, at most
             assert all(r.error.code.name == "UNAVAILABLE" for r in lost)
             restarted[0].stop()
-            threading.Timer(0.5, lambda: restarted.append(started(settings(tiny_models, f"127.0.0.1:{port}")))).start()
+            threading.Timer(0.5, lambda: restarted.append(serving(settings(tiny_models, f"127.0.0.1:{port}")))).start()
             assert client.estimate(frame).ok  # waits for the daemon that comes back
     finally:
         for running in restarted:
