@@ -236,7 +236,6 @@ def test_malloc_trim_is_only_called_where_libc_has_it(monkeypatch):
 def test_auto_backend_takes_one_that_has_the_dtype_asked_for(tiny_models, monkeypatch):
     monkeypatch.setattr(hardware, "is_x86", lambda: True)
     monkeypatch.setattr(backends, "installed", lambda name: name in ("torch", "openvino"))
-    monkeypatch.setattr(backends, "candidates", lambda spec, device: ["openvino", "torch"])
     engine = DepthEngine.load(ModelSettings("da", str(tiny_models["depth_anything"]), dtype="float16", warmup_sizes=SIZE))
     assert (engine.backend, engine.dtype) == ("torch", torch.float16), "OpenVINO has no float16 in depthd: torch has"
 
@@ -256,7 +255,7 @@ def test_a_network_that_does_not_export_falls_back_to_torch_under_auto(tiny_mode
         raise export.ExportFailed("torch.onnx.export failed: an operator it does not know")
 
     monkeypatch.setattr(export.OnnxExports, "_export", refuse)
-    monkeypatch.setattr(backends, "candidates", lambda spec, device: [spec] if spec not in (None, "auto")
+    monkeypatch.setattr(backends, "candidates", lambda spec, device, dtype=None: [spec] if spec not in (None, "auto")
                         else [EXPORTED[0], "torch"])
     folder = str(tiny_models["glpn"])
     engine = DepthEngine.load(ModelSettings("g", folder, warmup_sizes=SIZE, cache_dir=str(tmp_path)))

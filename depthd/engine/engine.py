@@ -151,11 +151,7 @@ class DepthEngine:
             device = resolve_device(settings.device)
             if settings.cuda_graphs and device.type != "cuda":
                 raise InvalidArgument(f"cuda_graphs: needs a CUDA device, the model is on {device}")
-            choices = backends.candidates(settings.backend, device)
-            if settings.backend in (None, "auto") and settings.dtype not in (None, "auto"):
-                # `auto` picks among the backends that compute in the dtype asked for; torch has them all
-                wanted = getattr(torch, settings.dtype)
-                choices = [name for name in choices if wanted in backends.precisions(name, device)] or ["torch"]
+            choices = backends.candidates(settings.backend, device, settings.dtype)
             if settings.compile or settings.cuda_graphs:
                 if settings.backend not in (None, "auto", "torch"):
                     raise InvalidArgument(f"compile: torch.compile is torch's; backend {settings.backend} compiles on its own")

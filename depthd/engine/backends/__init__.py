@@ -62,24 +62,37 @@ def tensorrt_available() -> bool:
     return installed("onnxruntime") and runtimes.TENSORRT in runtimes.available_providers()
 
 
-def candidates(spec: str | None, device: torch.device) -> list[str]:
-    """The backends to try, in order: the one asked for, or `auto`'s choice then torch."""
-    if spec not in (None, "auto"):
-        if spec not in BACKENDS:
-            raise InvalidArgument(f"backend: {spec!r} is not one of {', '.join(BACKENDS)}")
-        if spec == "torch":
-            return [spec]
-        extra = EXTRAS.get((spec, device.type))
-        if extra is None:
-            devices = " or ".join(kind for name, kind in EXTRAS if name == spec)
-            raise InvalidArgument(f"backend: {spec} runs on {devices} in depthd; the model is on {device}: use torch")
-        if not installed(spec):
-            raise InvalidArgument(f"backend: {spec} is not installed: pip install 'depthd[{extra}]'")
-        if (spec, device.type) == ("onnxruntime", "cuda"):
-            available = runtimes.available_providers()
-            if not {runtimes.TENSORRT, runtimes.CUDA} & set(available):
-                raise runtimes.no_gpu_provider(device, available)
-        return [spec]
+def candidates(spec: str | None, device: torch.device, dtype: str | None = None) -> list[str]:
+    """The backends to try, in order: the one asked for, or `auto`'s choice then torch; for `auto`,
+    only those that compute in `dtype` where one is asked for (torch has them all)."""
+    if spec in (None, "auto"):
+        if dtype in (None, "auto"):
+            return _automatic(device)
+        wanted = getattr(torch, dtype)
+        return [name for name in _automatic(device) if wanted in precisions(name, device)] or ["torch"]
+    return [_asked_for(spec, device)]
+
+
+def _asked_for(spec: str, device: torch.device) -> str:
+    if spec not in BACKENDS:
+        raise InvalidArgument(f"backend: {spec!r} is not one of {', '.join(BACKENDS)}")
+    if spec == "torch":
+        return spec
+    extra = EXTRAS.get((spec, device.type))
+    if extra is None:
+        devices = " or ".join(kind for name, kind in EXTRAS if name == spec)
+        raise InvalidArgument(f"backend: {spec} runs on {devices} in depthd; the model is on {device}: use torch")
+    if not installed(spec):
+        raise InvalidArgument(f"backend: {spec} is not installed: pip install 'depthd[{extra}]'")
+    if (spec, device.type) == ("onnxruntime", "cuda"):
+        available = runtimes.available_providers()
+        if not {runtimes.TENSORRT, runtimes.CUDA} & set(available):
+            raise runtimes.no_gpu_provider(device, available)
+    return spec
+
+
+def _automatic(device: torch.device) -> list[str]:
+    """`auto`'s rule (the module's docstring), then torch."""
     if device.type == "cuda":
         return ["onnxruntime", "torch"] if tensorrt_available() else ["torch"]
     if device.type != "cpu" or not hardware.is_x86():
