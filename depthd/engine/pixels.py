@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from depthd.domain import PixelFormat
-from depthd.engine.plan import ProcessorConfig
+from depthd.engine.plan import Plan, ProcessorConfig
 
 PIL_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 """PIL resampling filter numbers (as saved in processor configs) and the torch mode that computes the same filter."""
@@ -87,3 +87,16 @@ def resize_map(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tenso
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode=mode, align_corners=False)
+
+
+def resized_input(images: torch.Tensor, plan: Plan, config: ProcessorConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The input of the DPT family and GLPN: resized as PIL would to the plan, rescaled, normalized and
+    zero-padded."""
+    x = pil_resize(images.float(), plan.resized, config.resample)
+    return pad_zeros(normalize(rescale(x, config), config), plan.pad).to(dtype)
+
+
+def unpadded_map(predicted: torch.Tensor, plan: Plan, out_size: tuple[int, int]) -> torch.Tensor:
+    """(B, h, w) network maps without the plan's padding, resized bicubically to `out_size`."""
+    x = crop_padding(predicted.float().unsqueeze(1), plan.pad, plan.processed)
+    return resize_map(x, out_size, "bicubic").squeeze(1)

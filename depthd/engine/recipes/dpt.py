@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from depthd.domain import DepthKind
-from depthd.engine.pixels import crop_padding, normalize, pad_zeros, pil_resize, rescale, resize_map
+from depthd.engine.pixels import resized_input, unpadded_map
 from depthd.engine.plan import Plan, ProcessorConfig, ceil_to
 from depthd.engine.recipes.base import IMAGENET_STANDARD, Architecture, cap_for
 
@@ -33,14 +33,12 @@ class DptRecipe:
         return plan
 
     def preprocess(self, images: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
-        x = pil_resize(images.float(), plan.resized, self.config.resample)
-        return pad_zeros(normalize(rescale(x, self.config), self.config), plan.pad).to(dtype)
+        return resized_input(images, plan, self.config, dtype)
 
     def postprocess(
         self, predicted: torch.Tensor, field_of_view: torch.Tensor | None, plan: Plan, out_size: tuple[int, int]
     ) -> torch.Tensor:
-        x = crop_padding(predicted.float().unsqueeze(1), plan.pad, plan.processed)
-        return resize_map(x, out_size, "bicubic").squeeze(1)
+        return unpadded_map(predicted, plan, out_size)
 
 
 def _defaults(**overrides: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from depthd.domain import DepthKind
-from depthd.engine.pixels import crop_padding, normalize, pad_zeros, pil_resize, rescale, resize_map
+from depthd.engine.pixels import resized_input, unpadded_map
 from depthd.engine.plan import Plan, ProcessorConfig
 from depthd.engine.recipes.base import Architecture, cap_for
 
@@ -26,14 +26,12 @@ class GlpnRecipe:
         return self.cap.bound(Plan((height, width), natural if self.config.do_resize else (height, width)), (height, width))
 
     def preprocess(self, images: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
-        x = pil_resize(images.float(), plan.resized, self.config.resample)
-        return pad_zeros(normalize(rescale(x, self.config), self.config), plan.pad).to(dtype)
+        return resized_input(images, plan, self.config, dtype)
 
     def postprocess(
         self, predicted: torch.Tensor, field_of_view: torch.Tensor | None, plan: Plan, out_size: tuple[int, int]
     ) -> torch.Tensor:
-        x = crop_padding(predicted.float().unsqueeze(1), plan.pad, plan.processed)
-        return resize_map(x, out_size, "bicubic").squeeze(1)
+        return unpadded_map(predicted, plan, out_size)
 
 
 ARCHITECTURES = (
