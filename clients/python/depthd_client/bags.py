@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from depthd_client import progress
 from depthd_client.client import DepthClient
 from depthd_client.messages import DepthResult, StreamFrame
 
@@ -707,8 +708,7 @@ class _Job:
         done, total = self.counts.images, max(self.progress_total, self.counts.images)
         elapsed = time.monotonic() - self.started
         fps = self.counts.depth / elapsed if elapsed > 0 else 0.0
-        filled = int(30 * done / total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} images, {fps:.1f} fps")
+        sys.stderr.write(f"\r{progress.bar(done, total)} images, {fps:.1f} fps")
         sys.stderr.flush()
 
     def _summary(self, output: Path) -> None:

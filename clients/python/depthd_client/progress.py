@@ -11,6 +11,12 @@ from typing import TextIO
 from depthd_client.messages import DepthResult
 
 
+def bar(done: int, total: int, width: int = 30) -> str:
+    """`[#####.....] done/total`."""
+    filled = int(width * min(done, total) / total) if total else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
 @dataclass
 class Tally:
     """Results counted as they come: `depth` are real results, `dropped` frames the daemon skipped for a
@@ -49,14 +55,8 @@ class Tally:
         out = out or sys.stderr
         if not out.isatty():
             return
-        fps = self.depth / self.elapsed()
-        if self.total:
-            width = 30
-            filled = int(width * min(self.frames, self.total) / self.total)
-            bar = f"[{'#' * filled}{'.' * (width - filled)}] {self.frames}/{self.total}"
-        else:
-            bar = f"{self.frames} frames"
-        out.write(f"\r{bar} {fps:.1f} fps, {self.dropped} dropped, {self.failed} failed")
+        done = bar(self.frames, self.total) if self.total else f"{self.frames} frames"
+        out.write(f"\r{done} {self.depth / self.elapsed():.1f} fps, {self.dropped} dropped, {self.failed} failed")
         out.flush()
 
     def done(self, out: TextIO | None = None) -> None:
