@@ -24,6 +24,7 @@ from depthd_client.progress import Tally
 
 COLORMAPS = ("gray", "turbo", "inferno")
 VIS_FORMATS = ("vis", "mp4")
+STREAM_FORMATS = files.FORMATS + ("mp4",)
 ABORTING = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
             grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
 """Failures of `estimate` that no other image would escape: they end the run instead of being counted."""
@@ -89,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="let the daemon skip frames that wait while a newer one arrives")
     stream.add_argument("--stabilize", action="store_true",
                         help="align each frame of a relative model to the stream's running reference: no flicker")
-    outputs(stream, _formats(argparse.Namespace(command="stream")))
+    outputs(stream, STREAM_FORMATS)
 
     bags.add_parser(commands)
 
@@ -149,7 +150,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, forms in (("--rgb", args.rgb, ("ply",)), ("--point-stride", args.point_stride, ("ply",)),
                                ("--colormap", args.colormap, VIS_FORMATS), ("--vis-range", args.vis_range, VIS_FORMATS)):
         if value and form not in forms:
-            parser.error(f"{flag} goes with --format {' or '.join(f for f in forms if f in _formats(args))}")
+            offered = STREAM_FORMATS if args.command == "stream" else files.FORMATS
+            parser.error(f"{flag} goes with --format {' or '.join(f for f in forms if f in offered)}")
     if form == "mp4":
         if video.is_camera(args.source) and not args.output:
             parser.error("--format mp4 of a camera needs -o DIR: there is no folder beside it")
@@ -158,10 +160,6 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if given:
             parser.error(f"{given} writes files: give -o DIR")
     args.format = form
-
-
-def _formats(args: argparse.Namespace) -> tuple[str, ...]:
-    return files.FORMATS + (("mp4",) if args.command == "stream" else ())
 
 
 def _request_options(client: DepthClient, args: argparse.Namespace, folder: Path | None) -> dict[str, Any]:

@@ -163,9 +163,13 @@ class Retries:
 
     def __init__(self, enabled: bool, timeout: float | None):
         self.enabled = enabled
-        self.wait_for_ready = True if enabled else None
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pause = self.FIRST_PAUSE_S
+
+    @property
+    def wait_for_ready(self) -> bool | None:
+        """gRPC's per-call flag: True waits for the daemon to be reachable; None keeps gRPC's default."""
+        return True if self.enabled else None
 
     def left(self) -> float | None:
         """The seconds left to the deadline, for the next attempt's own timeout."""
